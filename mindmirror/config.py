@@ -1,0 +1,163 @@
+"""The one training configuration: a dataclass, parsed from the command line or a JSON/YAML file.
+
+The defaults are the embedded default run (a tiny T5 on the bundled synthetic data, a few minutes
+on two CPU cores). The original ``run.py`` flags keep their names and meaning. Precision, ZeRO
+stage and world size are not here: they come from the Accelerate config (``launch/*.yaml``) and
+the DeepSpeed JSON (``ds_configs/``), as Accelerate users expect.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from mindmirror.data.registry import DATASETS, LABEL_TYPES, MODEL_TYPES
+from mindmirror.model import SIZES
+
+SCHEDULERS = ("constant", "linear", "cosine")
+
+
+def _arg(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # ---- the original run.py flags (same names and meaning) ----
+    from_pretrained: str = _arg("tiny", "Model: a Hub id (google/t5-v1_1-base), a local folder, or a size name "
+                                        f"({', '.join(SIZES)}). Size names and --random_init build the "
+                                        "architecture from configs shipped with mindmirror, without weights.")
+    dataset: str = _arg("svamp_tree1", f"Dataset folder under --data_dir: {', '.join(DATASETS)}.")
+    model_type: str = _arg("task_prefix_tree1", "standard (answer task only, alpha ignored), task_prefix_tree1 "
+                                                "(answer + rationale on CoT data), task_prefix_tree2 (verdict + "
+                                                "evaluation on self-evaluation data).")
+    label_type: str = _arg("gt", "gt: ground-truth labels; llm: labels parsed from the teacher's answers.")
+    llm: str = _arg("gpt-3.5-turbo", "Name of the teacher whose files are read (recorded; the files decide).")
+    alpha: float = _arg(0.5, "Loss = alpha * label_loss + (1 - alpha) * rationale_loss, alpha in [0, 1].")
+    batch_size: int = _arg(64, "Micro-batch size per process (questions; each gives a predict and an explain "
+                               "row). Global batch = batch_size x grad_accum_steps x processes.")
+    max_input_length: int = _arg(1024, "Inputs are truncated to this many tokens.")
+    run: int = _arg(0, "Random seed of the run (initialisation, shuffling, subsampling).")
+    prompt: bool = _arg(False, "Original flag: prepend the (empty) prompt of the original code. Accepted; no effect.")
+    num_train_branches: int = _arg(1, "CoTs used per training question (1 to what the teacher files hold).")
+    num_train_epochs: float = _arg(12.0, "Epochs over the training rows (ignored when --max_steps > 0).")
+    lr: float = _arg(2e-3, "Peak learning rate of AdamW (the paper used 5e-5 for pretrained t5-v1_1).")
+    continue_train: bool = _arg(False, "Stage 2: start from the stage-1 export (task_prefix_tree2 on the same "
+                                       "dataset family) found at the place --output_dir's default would give it; "
+                                       "see README.")
+    subsample: float = _arg(1.0, "Fraction of training questions kept (seed --run).")
+    max_steps: int = _arg(-1, "Optimizer steps to train; -1: --num_train_epochs decides.")
+    eval_steps: int = _arg(0, "Evaluate on the validation split every N optimizer steps (0: at epoch ends only).")
+    optimizer_name: str = _arg("AdamW", "Optimizer; AdamW only (or the one named in a DeepSpeed JSON).")
+    grad_steps: int = _arg(0, "Original name of --grad_accum_steps (0: not given).")
+    local_rank: int = _arg(-1, "Set by launchers; Accelerate reads the environment. Accepted; no effect.")
+    gen_max_len: int = _arg(64, "Most tokens generated per answer at evaluation.")
+    parallelize: bool = _arg(False, "Original naive model parallelism. Not supported: shard with DeepSpeed ZeRO-3.")
+    bf16: bool = _arg(False, "bf16 mixed precision when the Accelerate config does not say otherwise.")
+    no_log: bool = _arg(False, "No TensorBoard/tracker logging (metrics.jsonl is still written).")
+    output_rationale: bool = _arg(False, "At test time also generate rationales into predictions.jsonl.")
+    # ---- added by mindmirror ----
+    data_dir: str = _arg("", "Folder holding one folder per dataset; empty: the bundled synthetic data.")
+    output_dir: str = _arg("", "Where outputs go; empty: runs/<dataset>/<model_type>/<model>/<label_type>_"
+                               "b<branches>_a<alpha>_s<run>.")
+    tokenizer: str = _arg("", "Tokenizer folder or Hub id; empty: the model's own, or the bundled one for "
+                              "size names and --random_init.")
+    random_init: bool = _arg(False, "Build the named t5-v1_1 architecture with random weights (no download).")
+    init_from: str = _arg("", "Stage 2: initialise the weights from this stage-1 export (fresh optimizer).")
+    grad_accum_steps: int = _arg(1, "Micro-batches accumulated per optimizer step.")
+    lr_scheduler: str = _arg("linear", f"Learning-rate schedule after warm-up: {', '.join(SCHEDULERS)} "
+                                       "(the original code used constant).")
+    warmup_ratio: float = _arg(0.05, "Fraction of the optimizer steps spent warming the lr up from 0.")
+    weight_decay: float = _arg(0.0, "AdamW weight decay.")
+    max_grad_norm: float = _arg(1.0, "Gradient clipping norm (0: no clipping).")
+    gradient_checkpointing: bool = _arg(False, "Recompute activations in the backward pass to save memory.")
+    max_target_length: int = _arg(256, "Labels and rationales are truncated to this many tokens.")
+    valid_fraction: float = _arg(0.1, "Fraction of training questions carved out as the validation split.")
+    max_eval_samples: int = _arg(0, "Evaluate on at most this many validation rows (0: all).")
+    skip_bad_records: bool = _arg(False, "Skip and count unparsable records instead of stopping with an error.")
+    save_steps: int = _arg(0, "Save a resumable checkpoint every N optimizer steps (0: at the end only).")
+    save_total_limit: int = _arg(2, "Keep this many newest checkpoints.")
+    resume: bool = _arg(False, "Continue from the newest complete checkpoint in --output_dir.")
+    logging_steps: int = _arg(10, "Log losses every N optimizer steps.")
+    report_to: str = _arg("tensorboard", "Accelerate tracker(s): tensorboard, wandb, mlflow, ..., or none.")
+    max_nonfinite_steps: int = _arg(5, "Stop after this many non-finite losses in a row.")
+    num_workers: int = _arg(0, "DataLoader worker processes.")
+    cache_dir: str = _arg("", "Tokenized-data cache; empty: $MINDMIRROR_CACHE or ~/.cache/mindmirror.")
+
+    # -----------------------------------------------------------------------------------------
+    def validate(self) -> "TrainConfig":
+        """Fill derived values and reject bad ones with a message that says what to do."""
+        def bad(msg):
+            raise ValueError(msg)
+
+        if self.dataset not in DATASETS:
+            bad(f"--dataset {self.dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
+        if self.model_type not in MODEL_TYPES:
+            bad(f"--model_type {self.model_type!r} is unknown; choose one of {', '.join(MODEL_TYPES)}")
+        if self.label_type not in LABEL_TYPES:
+            bad(f"--label_type {self.label_type!r} is unknown; choose gt or llm")
+        if not 0.0 <= self.alpha <= 1.0:
+            bad(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.num_train_branches < 1:
+            bad(f"--num_train_branches must be at least 1, got {self.num_train_branches}")
+        if self.parallelize:
+            bad("--parallelize (naive model parallelism) is not supported: shard the model with DeepSpeed "
+                "ZeRO-3 instead (accelerate launch --config_file launch/zero3.yaml train/main.py ...)")
+        if self.optimizer_name.lower() != "adamw":
+            bad(f"--optimizer_name {self.optimizer_name!r}: only AdamW is built in; name another optimizer "
+                "in a DeepSpeed JSON (ds_configs/) instead")
+        if self.lr_scheduler not in SCHEDULERS:
+            bad(f"--lr_scheduler must be one of {', '.join(SCHEDULERS)}")
+        if self.grad_steps:
+            if self.grad_accum_steps not in (1, self.grad_steps):
+                bad(f"--grad_steps {self.grad_steps} and --grad_accum_steps {self.grad_accum_steps} disagree")
+            self.grad_accum_steps = self.grad_steps
+        for name in ("batch_size", "grad_accum_steps", "max_input_length", "max_target_length", "gen_max_len"):
+            if getattr(self, name) < 1:
+                bad(f"--{name} must be at least 1")
+        if not 0.0 < self.subsample <= 1.0:
+            bad(f"--subsample must be in (0, 1], got {self.subsample}")
+        if not 0.0 < self.valid_fraction < 1.0:
+            bad(f"--valid_fraction must be in (0, 1), got {self.valid_fraction}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            bad("give --max_steps or a positive --num_train_epochs")
+        if self.init_from and self.continue_train:
+            bad("--init_from and --continue_train both name a stage-1 model: give one")
+        if self.init_from and not Path(self.init_from).is_dir():
+            bad(f"--init_from {self.init_from}: no such folder (expected a stage-1 export such as <run>/best)")
+        if self.data_dir and not Path(self.data_dir).is_dir():
+            bad(f"--data_dir {self.data_dir}: no such folder")
+        if not self.output_dir:
+            self.output_dir = str(default_output_dir(self))
+        if self.continue_train:
+            stage1 = default_output_dir(self, model_type="task_prefix_tree2",
+                                        dataset=self.dataset.replace("_tree1", "_tree2"))
+            if not (stage1 / "best").is_dir():
+                bad(f"--continue_train looks for the stage-1 export at {stage1 / 'best'}, which does not exist: "
+                    "run stage 1 (task_prefix_tree2) first, or pass --init_from PATH")
+            self.init_from = str(stage1 / "best")
+        return self
+
+
+def default_output_dir(cfg: TrainConfig, **override) -> Path:
+    """``runs/<dataset>/<model_type>/<model>/<label_type>_b<branches>_a<alpha>_s<run>``."""
+    values = {f.name: getattr(cfg, f.name) for f in fields(cfg)} | override
+    model = Path(values["from_pretrained"]).name or values["from_pretrained"]
+    leaf = f"{values['label_type']}_b{values['num_train_branches']}_a{values['alpha']}_s{values['run']}"
+    return Path("runs") / values["dataset"] / values["model_type"] / model / leaf
+
+
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """Parse flags (or a single ``.json``/``.yaml`` config file path) into a validated config."""
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(TrainConfig, description="Train a T5 student on a teacher LLM's chains of "
+                                                       "thought and self-evaluations (Mind's Mirror).")
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        loader = parser.parse_json_file if argv[0].endswith(".json") else parser.parse_yaml_file
+        (cfg,) = loader(argv[0])
+    else:
+        (cfg,) = parser.parse_args_into_dataclasses(args=argv)
+    return cfg.validate()

@@ -1,0 +1,285 @@
+"""The datasets mindmirror knows, where their files live, and how they become task rows.
+
+``--data_dir D`` holds one folder per dataset, as in the original code::
+
+    D/svamp/SVAMP.json                      D/svamp/llm/{train,test}_CoT_{k}.json     (DSS layout)
+    D/cqa/cqa_{train,test}.json             D/cqa/llm/{train,test}_CoT_{k}.json       (DSS layout)
+    D/anli1/anli1_{train,valid,test}.json   D/anli1/llm/{split}_CoT_{k}.json          (DSS layout)
+    D/svamp_tree1/svamp_tree1_{train,test}.json   D/svamp_tree1/llm/{split}_CoT_{k}.json (tree)
+    D/svamp_tree2/svamp_tree2_{train,test}.json   D/svamp_tree2/llm/{split}_CoT_{k}.json (tree)
+    ... and likewise cqa_tree1, cqa_tree2, anli1_tree1, anli1_tree2
+
+A *task row* is what the student trains on: ``input`` (without the ``predict: ``/``explain: ``
+prefix), ``label`` (the answer task's target), ``rationale`` (the explain task's target),
+``branch`` (which teacher CoT it came from) and where it came from (``source``, ``record``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from mindmirror.data import formats
+from mindmirror.data.formats import DataError
+
+MODEL_TYPES = ("standard", "task_prefix_tree1", "task_prefix_tree2")
+LABEL_TYPES = ("gt", "llm")
+BUNDLED_DATA_DIR = Path(__file__).resolve().parent.parent / "assets" / "data"
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    family: str  # svamp | cqa | anli1: decides parsing rules, input layout and metric
+    layout: str  # "dss" or "tree"
+    has_valid: bool = False  # ships its own validation split (ANLI)
+
+    @property
+    def metric(self) -> str:
+        return "equation" if self.family == "svamp" else "text"
+
+    def gt_path(self, data_dir: Path, split: str) -> Path:
+        if self.name == "svamp":
+            return data_dir / "svamp" / "SVAMP.json"
+        return data_dir / self.name / f"{self.name}_{split}.json"
+
+    def llm_dir(self, data_dir: Path) -> Path:
+        return data_dir / self.name / "llm"
+
+
+DATASETS = {
+    spec.name: spec
+    for family in formats.FAMILIES
+    for spec in (
+        DatasetSpec(family, family, "dss", has_valid=family == "anli1"),
+        DatasetSpec(f"{family}_tree1", family, "tree", has_valid=family == "anli1"),
+        DatasetSpec(f"{family}_tree2", family, "tree", has_valid=family == "anli1"),
+    )
+}
+
+
+@dataclass
+class TaskRow:
+    input: str
+    label: str
+    rationale: str
+    branch: int
+    source: str
+    record: int
+
+
+@dataclass
+class BuildReport:
+    """What building the rows did: counts per split and the bad records that were skipped."""
+
+    rows: dict[str, int] = field(default_factory=dict)
+    questions: dict[str, int] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self, name: str) -> str:
+        parts = [f"{split} {self.rows[split]} rows ({self.questions[split]} questions)" for split in self.rows]
+        line = f"{name}: " + ", ".join(parts) + f"; skipped {len(self.skipped)} bad records"
+        return line + (f" (first: {self.skipped[0]})" if self.skipped else "")
+
+
+@dataclass
+class _Question:
+    """A question with its gold label and the teacher material that belongs to it."""
+
+    input: str
+    gold: str
+    source: str
+    record: int
+    teacher: formats.TeacherRecord | tuple | None = None  # tree record, or (file, index, text) for DSS
+
+
+class _Skipper:
+    """Raises a DataError, or records it and lets the caller drop the question."""
+
+    def __init__(self, skip: bool, report: BuildReport):
+        self.skip, self.report = skip, report
+
+    def __call__(self, error: DataError) -> None:
+        if not self.skip:
+            raise DataError(error.path, error.record,
+                            error.problem + " (pass --skip_bad_records to skip such records and count them)")
+        self.report.skipped.append(str(error))
+
+
+def _load_questions(spec: DatasetSpec, data_dir: Path, split: str, eos_token: str) -> list[_Question]:
+    """Ground truth of one split, with the teacher records attached where the split has them."""
+    files = formats.chunk_files(spec.llm_dir(data_dir), split)
+    teacher = (formats.read_teacher_records(files) if spec.layout == "tree" else formats.read_dss_cots(files)) \
+        if files else []
+    if spec.name.endswith("_tree2"):
+        # Self-evaluation datasets: the prepared jsonl holds (CoT, verdict) pairs, not questions.
+        if not files:
+            raise DataError(spec.llm_dir(data_dir), None, f"no {split}_CoT_0.json teacher file")
+        _check_tree2_jsonl(spec.gt_path(data_dir, split), teacher)
+        return [_Question(t.question or "", "", t.source, t.record, t) for t in teacher]
+
+    path = formats.resolve(spec.gt_path(data_dir, split)) or spec.gt_path(data_dir, split)
+    if spec.name == "svamp":
+        problems = formats.read_json(path)
+        if not isinstance(problems, list):
+            raise DataError(path, None, "expected a JSON list of SVAMP problems")
+        order = formats.svamp_split(problems)[split]
+        questions = [_Question(*formats.gt_example(problems[i], "svamp", path, i), str(path), i) for i in order]
+    else:
+        questions = [_Question(*formats.gt_example(obj, spec.family, path, i, eos_token), str(path), i)
+                     for i, obj in enumerate(formats.read_jsonl(path))]
+    if files and len(teacher) != len(questions):
+        raise DataError(spec.llm_dir(data_dir), None,
+                        f"the {split} chunk files ({', '.join(p.name for p in files)}) hold {len(teacher)} "
+                        f"records in total, but {path.name} has {len(questions)} questions: "
+                        "chunks must add up to the split")
+    for q, t in zip(questions, teacher):
+        q.teacher = t
+    return questions
+
+
+def _check_tree2_jsonl(path: Path, teacher: list[formats.TeacherRecord]) -> None:
+    """A tree2 dataset's prepared jsonl must list the teacher's (CoT, verdict) pairs in order.
+
+    The original code wrote it skipping evaluations without a verdict, so those are skipped here too.
+    """
+    found = formats.resolve(path)
+    if found is None:
+        return
+    expected = [(cot, parsed[1]) for t in teacher for cot, evals in zip(t.cots, t.evaluations)
+                for parsed in map(formats.evaluation_verdict, evals) if parsed is not None]
+    prepared = formats.read_jsonl(found)
+    if len(prepared) != len(expected):
+        raise DataError(found, None, f"holds {len(prepared)} (CoT, verdict) rows, but the teacher files give "
+                                     f"{len(expected)}: the files are out of step")
+    for i, (obj, (cot, verdict)) in enumerate(zip(prepared, expected)):
+        if str(obj.get("input", "")).strip() != cot.strip() or str(obj.get("label", "")).strip() != verdict:
+            raise DataError(found, i, "does not match the teacher file's CoT and verdict at this position")
+
+
+def _tree_rows(q: _Question, family: str, model_type: str, label_type: str, branches: int) -> list[TaskRow]:
+    """Rows of one question from its tree-of-thought record (raises DataError for bad text)."""
+    t: formats.TeacherRecord = q.teacher
+    if t.question is not None and q.gold and " ".join(t.question.split()) != " ".join(q.input.split()):
+        raise DataError(t.source, t.record, f"question does not match record {q.record} of {q.source}: "
+                                            "teacher files and ground truth are out of order")
+    if len(t.cots) < branches:
+        raise DataError(t.source, t.record, f"has {len(t.cots)} CoTs, fewer than the {branches} requested "
+                                            "(--num_train_branches)")
+    rows = []
+    for b in range(branches):
+        cot = t.cots[b]
+        if model_type == "task_prefix_tree2":
+            if b >= len(t.evaluations) or not t.evaluations[b]:
+                raise DataError(t.source, t.record, f"CoT {b} has no self-evaluations")
+            for e, evaluation in enumerate(t.evaluations[b]):
+                parsed = formats.evaluation_verdict(evaluation)
+                if parsed is None:
+                    raise DataError(t.source, t.record, f"evaluation {e} of CoT {b} has no verdict "
+                                                        "('given answer is correct/wrong/uncertain')")
+                rows.append(TaskRow(cot, parsed[1], parsed[0], b, t.source, t.record))
+            continue
+        rationale, answer = formats.tree_cot_rationale(cot, family), formats.tree_cot_answer(cot, family)
+        if rationale is None or answer is None:
+            raise DataError(t.source, t.record, f"CoT {b} has no parsable answer ('the answer is ...')")
+        rows.append(TaskRow(q.input, q.gold if label_type == "gt" else answer, rationale, b, t.source, t.record))
+    return rows
+
+
+def _train_rows(q: _Question, spec: DatasetSpec, model_type: str, label_type: str, branches: int) -> list[TaskRow]:
+    if model_type == "standard" and label_type == "gt":  # plain fine-tuning: no teacher text needed
+        return [TaskRow(q.input, q.gold, "", 0, q.source, q.record)]
+    if q.teacher is None:
+        raise DataError(q.source, q.record, "no teacher CoT for this question (llm/ chunk files missing)")
+    if spec.layout == "tree":
+        return _tree_rows(q, spec.family, model_type, label_type, branches)
+    source, index, text = q.teacher
+    parsed = formats.dss_cot(text, spec.family)
+    if parsed is None:
+        raise DataError(source, index, "CoT has no parsable answer ('The answer is (...)' / 'So the answer is')")
+    return [TaskRow(q.input, q.gold if label_type == "gt" else parsed[1], parsed[0], 0, source, index)]
+
+
+def _eval_rows(q: _Question, spec: DatasetSpec, model_type: str) -> list[TaskRow]:
+    """Evaluation rows: gold labels, one per question (every self-evaluation for tree2)."""
+    if model_type == "task_prefix_tree2":
+        t = q.teacher
+        return _tree_rows(q, spec.family, model_type, "llm", len(t.cots)) if t is not None else []
+    rationale = ""
+    if isinstance(q.teacher, formats.TeacherRecord) and q.teacher.cots:
+        rationale = formats.tree_cot_rationale(q.teacher.cots[0], spec.family) or ""
+    elif isinstance(q.teacher, tuple):
+        rationale = (formats.dss_cot(q.teacher[2], spec.family) or ("", ""))[0]
+    return [TaskRow(q.input, q.gold, rationale, 0, q.source, q.record)]
+
+
+def validate_choice(model_type: str, label_type: str, spec: DatasetSpec, branches: int) -> None:
+    """Reject combinations of flags that the dataset cannot serve."""
+    if model_type == "task_prefix_tree2" and spec.layout != "tree":
+        raise ValueError(f"--model_type task_prefix_tree2 needs self-evaluations, which only tree-of-thought "
+                         f"datasets have; {spec.name} is in the DSS layout (use {spec.family}_tree2)")
+    if model_type != "task_prefix_tree2" and spec.name.endswith("_tree2"):
+        raise ValueError(f"{spec.name} holds self-evaluation rows; --model_type {model_type} trains on "
+                         f"questions: use --dataset {spec.family}_tree1")
+    if spec.layout == "dss" and branches != 1:
+        raise ValueError(f"{spec.name} (DSS layout) has one CoT per question: --num_train_branches must be 1")
+
+
+def build_task_rows(dataset: str, data_dir: str | Path | None = None, *, model_type: str = "task_prefix_tree1",
+                    label_type: str = "gt", num_train_branches: int = 1, valid_fraction: float = 0.1,
+                    subsample: float = 1.0, seed: int = 0, skip_bad_records: bool = False,
+                    eos_token: str = "</s>") -> tuple[dict[str, list[TaskRow]], BuildReport]:
+    """Read a dataset's files and return task rows for ``train``, ``valid`` and ``test``.
+
+    The validation split is carved from the training questions with a fixed seed (0), before
+    branches are expanded, so no question is in both; datasets with their own validation split
+    use it. ``subsample`` keeps that fraction of the remaining training questions (seed ``seed``).
+    """
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(sorted(DATASETS))}")
+    spec = DATASETS[dataset]
+    validate_choice(model_type, label_type, spec, num_train_branches)
+    data_dir = Path(data_dir) if data_dir is not None else BUNDLED_DATA_DIR
+    if not (data_dir / spec.name).is_dir():
+        raise FileNotFoundError(f"dataset folder {data_dir / spec.name} not found (--data_dir {data_dir})")
+
+    splits = {s: _load_questions(spec, data_dir, s, eos_token)
+              for s in (("train", "valid", "test") if spec.has_valid else ("train", "test"))}
+    if not spec.has_valid:
+        order = np.random.RandomState(seed=0).permutation(len(splits["train"]))
+        n_valid = max(1, int(math.ceil(valid_fraction * len(order))))
+        splits["valid"] = [splits["train"][i] for i in sorted(order[:n_valid])]
+        splits["train"] = [splits["train"][i] for i in sorted(order[n_valid:])]
+    if subsample < 1.0:
+        keep = np.random.RandomState(seed=seed).permutation(len(splits["train"]))
+        keep = sorted(keep[: max(1, int(round(subsample * len(keep))))])
+        splits["train"] = [splits["train"][i] for i in keep]
+
+    report = BuildReport()
+    skipper = _Skipper(skip_bad_records, report)
+    out: dict[str, list[TaskRow]] = {}
+    for split in ("train", "valid", "test"):
+        rows, questions = [], 0
+        for q in splits[split]:
+            try:
+                rows_q = (_train_rows(q, spec, model_type, label_type, num_train_branches) if split == "train"
+                          else _eval_rows(q, spec, model_type))
+            except DataError as e:
+                skipper(e)
+                continue
+            rows.extend(rows_q)
+            questions += 1
+        out[split] = rows
+        report.rows[split], report.questions[split] = len(rows), questions
+        if not rows:
+            raise DataError(data_dir / spec.name, None, f"the {split} split has no usable rows")
+    return out, report
+
+
+def row_dicts(rows: list[TaskRow]) -> dict[str, list]:
+    """Column-wise dict of rows (for ``datasets.Dataset.from_dict``)."""
+    return {f.name: [getattr(r, f.name) for r in rows] for f in dataclasses.fields(TaskRow)}

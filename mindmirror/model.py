@@ -1,0 +1,92 @@
+"""Load or build the T5 student and its tokenizer.
+
+``--from_pretrained`` takes a Hub id or a local folder (loaded with transformers), or a size name
+(``tiny``, ``t5-v1_1-small`` ... ``t5-v1_1-xxl``) whose exact architecture ships with mindmirror.
+Size names, and Hub ids of the t5-v1_1 family with ``--random_init``, build a randomly initialised
+model sized to the tokenizer, so no download is needed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tokenizer"
+SIZES = ("tiny", "t5-v1_1-small", "t5-v1_1-base", "t5-v1_1-large", "t5-v1_1-xl", "t5-v1_1-xxl")
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be loaded; the message says what to do instead."""
+
+
+def size_name(name: str) -> str | None:
+    """The shipped size a model name refers to (``google/t5-v1_1-base`` -> ``t5-v1_1-base``), if any."""
+    leaf = name.rstrip("/").split("/")[-1]
+    return leaf if leaf in SIZES else None
+
+
+def builds_from_config(name: str, random_init: bool) -> bool:
+    """True when the model is built from a shipped config rather than loaded with weights."""
+    return name in SIZES or (random_init and size_name(name) is not None and not Path(name).is_dir())
+
+
+def model_config(size: str, vocab_size: int):
+    """The shipped T5 config of ``size``, its vocabulary sized to the tokenizer (a multiple of 128)."""
+    from transformers import T5Config
+
+    values = json.loads((MODEL_CONFIG_DIR / f"{size}.json").read_text())
+    values["vocab_size"] = -(-vocab_size // 128) * 128  # round up: tensor-core-friendly embedding
+    return T5Config(**values)
+
+
+def untie_lm_head(model):
+    """Give the model its own output projection, as t5-v1_1 has.
+
+    transformers 5 always ties ``lm_head`` to the input embedding of a freshly built T5 (it unties
+    only when a checkpoint holds both); t5-v1_1 keeps them separate and does not rescale the decoder
+    output. The projection is initialised with std ``d_model ** -0.5`` (Mesh TensorFlow's choice),
+    so initial logits are of order one.
+    """
+    import torch
+
+    weight = torch.empty_like(model.shared.weight).normal_(0.0, model.config.d_model ** -0.5)
+    model.lm_head.weight = torch.nn.Parameter(weight)
+    getattr(model, "all_tied_weights_keys", {}).pop("lm_head.weight", None)
+    return model
+
+
+def load_tokenizer(name: str, from_pretrained: str, random_init: bool):
+    """The tokenizer: ``name`` if given, else the bundled one for built models, else the model's own."""
+    from transformers import AutoTokenizer
+
+    if not name:
+        name = str(BUNDLED_TOKENIZER) if builds_from_config(from_pretrained, random_init) else from_pretrained
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"could not load the tokenizer {name!r}: {e}\nPass --tokenizer FOLDER, or use "
+                             f"the bundled one ({BUNDLED_TOKENIZER}) by building the model with --random_init.") from e
+
+
+def load_model(from_pretrained: str, tokenizer, random_init: bool = False, init_from: str = ""):
+    """The student model: built from a shipped config, or loaded from ``init_from`` / the Hub / a folder."""
+    from transformers import T5ForConditionalGeneration
+
+    source = init_from or from_pretrained
+    if not init_from and builds_from_config(from_pretrained, random_init):
+        config = model_config(size_name(from_pretrained), len(tokenizer))
+        config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+        config.decoder_start_token_id = tokenizer.pad_token_id
+        return untie_lm_head(T5ForConditionalGeneration(config))
+    try:
+        model = T5ForConditionalGeneration.from_pretrained(source)
+    except OSError as e:
+        hint = (f" To train this architecture from scratch, add --random_init (sizes: {', '.join(SIZES)})."
+                if size_name(source) else "")
+        raise ModelLoadError(f"could not load model weights from {source!r} (no network, or not found): "
+                             f"{e}.{hint}") from e
+    if model.get_input_embeddings().num_embeddings < len(tokenizer):
+        raise ModelLoadError(f"the tokenizer has {len(tokenizer)} tokens but {source} embeds only "
+                             f"{model.get_input_embeddings().num_embeddings}: use the model's own tokenizer")
+    return model

@@ -1,0 +1,54 @@
+"""The multi-task distillation objective as a module, so DDP/DeepSpeed wrap the whole computation.
+
+``loss = alpha * label_loss + (1 - alpha) * rationale_loss``, where each task's loss is the mean
+cross-entropy over that task's target tokens in the whole optimizer step (all micro-batches, all
+ranks). The module returns per-task *sums*; the loop divides by the step's global token counts,
+so the result does not depend on how a step is split over accumulation steps or processes.
+
+The output projection (``lm_head``) runs only on real target positions: answers are short and are
+padded to the rationale's length in a stacked batch, and a 32k-entry vocabulary projection of the
+padding would cost more than the decoder itself.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+IGNORE = -100
+LABEL_TASK, RATIONALE_TASK = 0, 1
+
+
+class DistillationObjective(nn.Module):
+    """Wraps a ``T5ForConditionalGeneration``; ``forward`` returns token-loss sums and counts per task."""
+
+    def __init__(self, t5: nn.Module):
+        super().__init__()
+        self.t5 = t5
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids, labels, task):
+        t5 = self.t5
+        encoder_out = t5.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        hidden = t5.decoder(input_ids=decoder_input_ids, encoder_hidden_states=encoder_out[0],
+                            encoder_attention_mask=attention_mask)[0]
+        keep = labels != IGNORE
+        hidden = hidden[keep]
+        # Original T5 scales the decoder output before its tied projection; t5-v1_1 does not.
+        if getattr(t5.config, "scale_decoder_outputs", t5.config.tie_word_embeddings):
+            hidden = hidden * (t5.config.d_model ** -0.5)
+        logits = t5.lm_head(hidden).float()
+        token_loss = F.cross_entropy(logits, labels[keep], reduction="none")
+        token_task = task.unsqueeze(1).expand_as(labels)[keep]
+        is_label = token_task == LABEL_TASK
+        return torch.stack([token_loss[is_label].sum(), token_loss[~is_label].sum()])
+
+
+def combine(loss_sums: torch.Tensor, token_counts: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``alpha * label_sum / n_label + (1 - alpha) * rationale_sum / n_rationale``.
+
+    ``token_counts`` are the step's global counts; a task with no tokens contributes nothing.
+    """
+    weights = torch.tensor([alpha, 1.0 - alpha], dtype=loss_sums.dtype, device=loss_sums.device)
+    counts = token_counts.to(loss_sums.device, loss_sums.dtype).clamp(min=1.0)
+    return (weights * loss_sums / counts).sum()
