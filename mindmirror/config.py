@@ -82,7 +82,6 @@ class TrainConfig:
     logging_steps: int = _arg(10, "Log losses every N optimizer steps.")
     report_to: str = _arg("tensorboard", "Accelerate tracker(s): tensorboard, wandb, mlflow, ..., or none.")
     max_nonfinite_steps: int = _arg(5, "Stop after this many non-finite losses in a row.")
-    num_workers: int = _arg(0, "DataLoader worker processes.")
     cache_dir: str = _arg("", "Tokenized-data cache; empty: $MINDMIRROR_CACHE or ~/.cache/mindmirror.")
 
     # -----------------------------------------------------------------------------------------

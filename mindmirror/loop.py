@@ -8,6 +8,7 @@ log, evaluate, checkpoint -> export ``final/`` -> test the best model once -> ``
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -277,6 +278,7 @@ def train(cfg: TrainConfig) -> dict:
                         if finite:
                             optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
+            step_lr = scheduler.get_last_lr()[0]  # the lr this step used
             if finite:
                 scheduler.step()
                 nonfinite_in_row = 0
@@ -307,7 +309,7 @@ def train(cfg: TrainConfig) -> dict:
                 elapsed = time.time() - window["t0"]
                 record = {"step": state["step"], "loss": alpha * per_task[0] + (1 - alpha) * per_task[1],
                           "label_loss": per_task[0], "rationale_loss": per_task[1],
-                          "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                          "lr": step_lr, "grad_norm": float(grad_norm),
                           "tokens_per_s": window["tokens"] / elapsed, "samples_per_s": window["steps"] * global_batch / elapsed,
                           "peak_mem_mb": peak_memory_mb(), "epoch": state["epoch"]}
                 emit(record)
@@ -365,12 +367,26 @@ def ds_precision(ds_config: dict | None) -> str | None:
     return "fp16" if ds_config.get("fp16", {}).get("enabled") in (True, "true") else "no"
 
 
+@contextlib.contextmanager
+def unsharded_loading():
+    """Load a whole model even under ZeRO-3, whose registered config makes transformers partition it."""
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed._hf_deepspeed_config_weak_ref = None
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def test_best_model(cfg, best: Path, table, rows, metric_kind, accelerator) -> float:
     """Test accuracy of the validation-selected export, computed once; predictions to predictions.jsonl."""
     from transformers import AutoTokenizer, T5ForConditionalGeneration
 
     tokenizer = AutoTokenizer.from_pretrained(best)
-    t5 = T5ForConditionalGeneration.from_pretrained(best).to(accelerator.device)
+    with unsharded_loading():
+        t5 = T5ForConditionalGeneration.from_pretrained(best).to(accelerator.device)
     predictions = evaluate.generate(t5, tokenizer, table, "input_ids", world=accelerator.num_processes,
                                     rank=accelerator.process_index, device=accelerator.device,
                                     batch_size=2 * cfg.batch_size, max_new_tokens=cfg.gen_max_len)

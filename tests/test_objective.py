@@ -1,0 +1,100 @@
+"""The objective against transformers' own loss, and the batching that feeds it."""
+
+import torch
+
+from mindmirror.collate import Collator, rank_micro_batches, step_batches
+from mindmirror.model import model_config, untie_lm_head
+from mindmirror.objective import IGNORE, DistillationObjective, combine
+
+
+def tiny_t5(vocab=200, seed=0):
+    from transformers import T5ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return untie_lm_head(T5ForConditionalGeneration(model_config("tiny", vocab))).eval()
+
+
+def rows(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    def seq(lo, hi):
+        return torch.randint(3, 150, (int(torch.randint(lo, hi, (1,), generator=g)),), generator=g).tolist() + [1]
+    return [{"input_ids": seq(3, 12), "labels": seq(1, 5), "expl_input_ids": seq(4, 14), "rationale_ids": seq(5, 20)}
+            for _ in range(n)]
+
+
+def test_label_loss_equals_transformers_mean_cross_entropy():
+    t5 = tiny_t5()
+    batch = Collator(pad_id=0, with_rationale=False)(rows(5))
+    sums = DistillationObjective(t5)(**{k: v for k, v in batch.items() if k != "token_counts"})
+    ours = sums[0] / batch["token_counts"][0]
+    theirs = t5(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours, theirs)
+    assert sums[1] == 0 and batch["token_counts"][1] == 0
+
+
+def test_stacked_batch_gives_each_task_its_own_token_mean():
+    t5 = tiny_t5()
+    data = rows(4)
+    stacked = Collator(0, with_rationale=True)(data)
+    sums = DistillationObjective(t5)(**{k: v for k, v in stacked.items() if k != "token_counts"})
+    label_only = Collator(0, False)(data)
+    expl_only = Collator(0, False)([{"input_ids": r["expl_input_ids"], "labels": r["rationale_ids"]} for r in data])
+    ref_label = t5(input_ids=label_only["input_ids"], attention_mask=label_only["attention_mask"],
+                   labels=label_only["labels"]).loss
+    ref_expl = t5(input_ids=expl_only["input_ids"], attention_mask=expl_only["attention_mask"],
+                  labels=expl_only["labels"]).loss
+    loss = combine(sums, stacked["token_counts"], alpha=0.3)
+    assert torch.allclose(loss, 0.3 * ref_label + 0.7 * ref_expl, atol=1e-5)
+
+
+def test_token_normalised_loss_does_not_depend_on_how_the_step_is_split():
+    t5 = tiny_t5()
+    objective = DistillationObjective(t5)
+    data = rows(8, seed=3)
+    collate = Collator(0, True)
+
+    def grads(chunks):
+        t5.zero_grad()
+        batches = [collate(c) for c in chunks]
+        counts = sum(b["token_counts"] for b in batches)
+        for b in batches:
+            combine(objective(**{k: v for k, v in b.items() if k != "token_counts"}), counts, 0.5).backward()
+        return torch.cat([p.grad.flatten() for p in t5.parameters() if p.grad is not None]).clone()
+
+    whole = grads([data])
+    split = grads([data[:3], data[3:5], data[5:]])
+    assert torch.allclose(whole, split, atol=1e-6)
+
+
+def test_decoder_inputs_are_labels_shifted_right_from_pad():
+    batch = Collator(0, False)([{"input_ids": [5, 6, 1], "labels": [7, 8, 1]}, {"input_ids": [5, 1], "labels": [9, 1]}])
+    assert batch["decoder_input_ids"].tolist() == [[0, 7, 8], [0, 9, 1]]
+    assert batch["labels"].tolist() == [[7, 8, 1], [9, 1, IGNORE]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_step_batches_are_the_same_rows_however_a_step_is_dealt():
+    lengths = list(range(100))
+    steps = step_batches(lengths, 8, seed=1, epoch=0)
+    assert len(steps) == 12 and all(len(s) == 8 for s in steps)
+    assert len({i for s in steps for i in s}) == 96  # no row twice; the partial last step is dropped
+    assert steps == step_batches(lengths, 8, seed=1, epoch=0)
+    assert steps != step_batches(lengths, 8, seed=1, epoch=1)
+    step = steps[0]
+    one = rank_micro_batches(step, 8, 1, 1, 0)
+    accum = rank_micro_batches(step, 4, 2, 1, 0)
+    ranks = [rank_micro_batches(step, 4, 1, 2, r) for r in (0, 1)]
+    assert sorted(sum(one, [])) == sorted(sum(accum, [])) == sorted(sum(sum(ranks, []), [])) == sorted(step)
+
+
+def test_length_grouping_reduces_padding():
+    import numpy as np
+
+    lengths = np.random.RandomState(0).randint(5, 200, size=4000).tolist()
+
+    def padding(steps):
+        return sum(max(lengths[i] for i in s) * len(s) - sum(lengths[i] for i in s) for s in steps)
+
+    grouped = padding(step_batches(lengths, 32, 0, 0, group_by_length=True))
+    plain = padding(step_batches(lengths, 32, 0, 0, group_by_length=False))
+    assert grouped < 0.2 * plain
