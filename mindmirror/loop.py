@@ -34,7 +34,9 @@ from mindmirror.objective import DistillationObjective, combine
 
 log = logging.getLogger("mindmirror")
 EXIT_PREEMPTED = 75  # a signal asked us to stop: state saved; the SLURM template requeues on this code
-FAULT_NAN_STEPS = "MINDMIRROR_FAULT_NAN_STEPS"  # test hook: comma-separated steps whose loss is made NaN
+# Fault injection for tests: make the loss of these (comma-separated) steps NaN; SIGKILL every rank
+# when it is about to run this step.
+FAULT_NAN_STEPS, FAULT_KILL_AT_STEP = "MINDMIRROR_FAULT_NAN_STEPS", "MINDMIRROR_FAULT_KILL_AT_STEP"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -188,7 +190,11 @@ def train(cfg: TrainConfig) -> dict:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         accelerator.register_for_checkpointing(scheduler)
     zero_stage = ds_config.get("zero_optimization", {}).get("stage", 0) if ds_config else 0
-    n_params = sum(p.numel() for p in accelerator.unwrap_model(model).t5.parameters())
+    t5_params = list(accelerator.unwrap_model(model).t5.parameters())
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in t5_params)
+    if zero_stage == 3:  # show that parameters really are partitioned: each rank holds a share
+        held = sum(p.ds_tensor.numel() for p in t5_params if hasattr(p, "ds_tensor"))
+        log.warning(f"rank {rank}: ZeRO-3 holds {held} of {n_params} parameter elements")
     if is_main:
         log.info(f"model {cfg.from_pretrained}: {n_params / 1e6:.2f}M parameters; {world} process(es), "
                  f"ZeRO stage {zero_stage}, {accelerator.mixed_precision} precision; global batch {global_batch} "
@@ -226,7 +232,9 @@ def train(cfg: TrainConfig) -> dict:
         predictions = evaluate.generate(accelerator.unwrap_model(model).t5, tokenizer, tables["valid"], "input_ids",
                                         world=world, rank=rank, device=accelerator.device, batch_size=2 * cfg.batch_size,
                                         max_new_tokens=cfg.gen_max_len, synced_gpus=zero_stage == 3)
-        accuracy, _ = evaluate.score(predictions, [r.label for r in rows["valid"]], metric_kind)
+        accuracy, correct = evaluate.score(predictions, [r.label for r in rows["valid"]], metric_kind)
+        if is_main:  # the latest evaluation's outputs, for error analysis and export checks
+            write_predictions(out / "valid_predictions.jsonl", rows["valid"], predictions, correct)
         emit({"step": step, "split": "valid", "accuracy": accuracy, "rows": len(predictions)})
         if accuracy > state["best_valid_accuracy"]:
             state["best_valid_accuracy"], state["best_step"] = accuracy, step
@@ -241,6 +249,7 @@ def train(cfg: TrainConfig) -> dict:
 
     metric_kind = "text" if cfg.model_type == "task_prefix_tree2" else DATASETS[cfg.dataset].metric
     fault_steps = {int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s.strip()}
+    kill_at = int(os.environ.get(FAULT_KILL_AT_STEP, "0"))
     nonfinite_in_row = 0
     window = {"sums": torch.zeros(2), "counts": torch.zeros(2), "tokens": 0, "t0": time.time(), "steps": 0}
     train_time, t_steps = 0.0, time.time()
@@ -252,6 +261,8 @@ def train(cfg: TrainConfig) -> dict:
         plan = step_batches(lengths, global_batch, cfg.run, state["epoch"])
         for step_rows in plan[state["step_in_epoch"]:]:
             # One optimizer step. Agree on the step's target-token counts and on whether to stop.
+            if state["step"] + 1 == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
             micro = [collate([train_examples[i] for i in idx]) for idx in rank_micro_batches(step_rows, cfg.batch_size, cfg.grad_accum_steps, world, rank)]
             local = torch.stack([m["token_counts"] for m in micro]).sum(0).float()
             agreed = accelerator.reduce(torch.cat([local, torch.tensor([float(preemption.requested)])])
@@ -302,7 +313,7 @@ def train(cfg: TrainConfig) -> dict:
             window["sums"] += accelerator.reduce(step_sums.to(accelerator.device), reduction="sum").cpu() \
                 if world > 1 else step_sums
             window["counts"] += counts
-            window["tokens"] += int(counts.sum()) + sum(int(m["attention_mask"].sum()) for m in micro) * world
+            window["tokens"] += int(counts.sum()) + sum(int(m[k].sum()) for m in micro for k in m if k.endswith("attention_mask")) * world
             window["steps"] += 1
             if state["step"] % cfg.logging_steps == 0 or state["step"] == total_steps:
                 per_task = (window["sums"] / window["counts"].clamp(min=1)).tolist()
@@ -396,16 +407,21 @@ def test_best_model(cfg, best: Path, table, rows, metric_kind, accelerator) -> f
         if cfg.output_rationale and "expl_input_ids" in table.column_names else None
     accuracy, correct = evaluate.score(predictions, [r.label for r in rows], metric_kind)
     if accelerator.is_main_process:
-        with open(best.parent / "predictions.jsonl", "w") as f:
-            for i, (row, pred, ok) in enumerate(zip(rows, predictions, correct)):
-                record = {"input": row.input, "prediction": pred, "gold": row.label, "correct": ok}
-                if rationales is not None:
-                    record["rationale"] = rationales[i]
-                f.write(json.dumps(record) + "\n")
+        write_predictions(best.parent / "predictions.jsonl", rows, predictions, correct, rationales)
         with open(best.parent / "metrics.jsonl", "a") as f:
             f.write(json.dumps({"step": json.loads((best / "mindmirror.json").read_text())["step"],
                                 "split": "test", "accuracy": accuracy, "rows": len(predictions)}) + "\n")
     return accuracy
+
+
+def write_predictions(path: Path, rows, predictions, correct, rationales=None) -> None:
+    """One JSON line per row: input, prediction, gold, correct (and the generated rationale)."""
+    with open(path, "w") as f:
+        for i, (row, pred, ok) in enumerate(zip(rows, predictions, correct)):
+            record = {"input": row.input, "prediction": pred, "gold": row.label, "correct": ok}
+            if rationales is not None:
+                record["rationale"] = rationales[i]
+            f.write(json.dumps(record) + "\n")
 
 
 def print_table(summary: dict, out: Path) -> None:

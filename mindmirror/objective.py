@@ -5,9 +5,8 @@ cross-entropy over that task's target tokens in the whole optimizer step (all mi
 ranks). The module returns per-task *sums*; the loop divides by the step's global token counts,
 so the result does not depend on how a step is split over accumulation steps or processes.
 
-The output projection (``lm_head``) runs only on real target positions: answers are short and are
-padded to the rationale's length in a stacked batch, and a 32k-entry vocabulary projection of the
-padding would cost more than the decoder itself.
+The output projection (``lm_head``) runs only on real target positions: a 32k-entry vocabulary
+projection of padding would be pure waste.
 """
 
 from __future__ import annotations
@@ -17,20 +16,25 @@ import torch.nn.functional as F
 from torch import nn
 
 IGNORE = -100
-LABEL_TASK, RATIONALE_TASK = 0, 1
 
 
 class DistillationObjective(nn.Module):
-    """Wraps a ``T5ForConditionalGeneration``; ``forward`` returns token-loss sums and counts per task."""
+    """Wraps a ``T5ForConditionalGeneration``; ``forward`` returns the token-loss sums of both tasks.
+
+    The answer task's tensors are ``input_ids``, ``attention_mask``, ``decoder_input_ids`` and
+    ``labels``; the rationale task's the same names with an ``expl_`` prefix (absent for the
+    ``standard`` model). Both passes run inside one ``forward`` so DDP and DeepSpeed see one forward
+    and one backward per micro-batch.
+    """
 
     def __init__(self, t5: nn.Module):
         super().__init__()
         self.t5 = t5
 
-    def forward(self, input_ids, attention_mask, decoder_input_ids, labels, task):
+    def token_loss_sum(self, input_ids, attention_mask, decoder_input_ids, labels) -> torch.Tensor:
         t5 = self.t5
-        encoder_out = t5.encoder(input_ids=input_ids, attention_mask=attention_mask)
-        hidden = t5.decoder(input_ids=decoder_input_ids, encoder_hidden_states=encoder_out[0],
+        encoded = t5.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+        hidden = t5.decoder(input_ids=decoder_input_ids, encoder_hidden_states=encoded,
                             encoder_attention_mask=attention_mask)[0]
         keep = labels != IGNORE
         hidden = hidden[keep]
@@ -38,10 +42,15 @@ class DistillationObjective(nn.Module):
         if getattr(t5.config, "scale_decoder_outputs", t5.config.tie_word_embeddings):
             hidden = hidden * (t5.config.d_model ** -0.5)
         logits = t5.lm_head(hidden).float()
-        token_loss = F.cross_entropy(logits, labels[keep], reduction="none")
-        token_task = task.unsqueeze(1).expand_as(labels)[keep]
-        is_label = token_task == LABEL_TASK
-        return torch.stack([token_loss[is_label].sum(), token_loss[~is_label].sum()])
+        return F.cross_entropy(logits, labels[keep], reduction="sum")
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids, labels, expl_input_ids=None,
+                expl_attention_mask=None, expl_decoder_input_ids=None, expl_labels=None):
+        label_sum = self.token_loss_sum(input_ids, attention_mask, decoder_input_ids, labels)
+        if expl_input_ids is None:
+            return torch.stack([label_sum, torch.zeros_like(label_sum)])
+        rationale_sum = self.token_loss_sum(expl_input_ids, expl_attention_mask, expl_decoder_input_ids, expl_labels)
+        return torch.stack([label_sum, rationale_sum])
 
 
 def combine(loss_sums: torch.Tensor, token_counts: torch.Tensor, alpha: float) -> torch.Tensor:

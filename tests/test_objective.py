@@ -32,18 +32,18 @@ def test_label_loss_equals_transformers_mean_cross_entropy():
     assert sums[1] == 0 and batch["token_counts"][1] == 0
 
 
-def test_stacked_batch_gives_each_task_its_own_token_mean():
+def test_both_tasks_get_their_own_token_mean():
     t5 = tiny_t5()
     data = rows(4)
-    stacked = Collator(0, with_rationale=True)(data)
-    sums = DistillationObjective(t5)(**{k: v for k, v in stacked.items() if k != "token_counts"})
+    both = Collator(0, with_rationale=True)(data)
+    sums = DistillationObjective(t5)(**{k: v for k, v in both.items() if k != "token_counts"})
     label_only = Collator(0, False)(data)
     expl_only = Collator(0, False)([{"input_ids": r["expl_input_ids"], "labels": r["rationale_ids"]} for r in data])
     ref_label = t5(input_ids=label_only["input_ids"], attention_mask=label_only["attention_mask"],
                    labels=label_only["labels"]).loss
     ref_expl = t5(input_ids=expl_only["input_ids"], attention_mask=expl_only["attention_mask"],
                   labels=expl_only["labels"]).loss
-    loss = combine(sums, stacked["token_counts"], alpha=0.3)
+    loss = combine(sums, both["token_counts"], alpha=0.3)
     assert torch.allclose(loss, 0.3 * ref_label + 0.7 * ref_expl, atol=1e-5)
 
 
@@ -69,6 +69,7 @@ def test_token_normalised_loss_does_not_depend_on_how_the_step_is_split():
 def test_decoder_inputs_are_labels_shifted_right_from_pad():
     batch = Collator(0, False)([{"input_ids": [5, 6, 1], "labels": [7, 8, 1]}, {"input_ids": [5, 1], "labels": [9, 1]}])
     assert batch["decoder_input_ids"].tolist() == [[0, 7, 8], [0, 9, 1]]
+    assert batch["token_counts"].tolist() == [5, 0]
     assert batch["labels"].tolist() == [[7, 8, 1], [9, 1, IGNORE]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
 

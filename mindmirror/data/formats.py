@@ -77,8 +77,12 @@ def read_json(path: str | Path):
         raise DataError(found, None, f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})") from e
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Load a JSON-lines file; a broken line is reported with its record index and line number."""
+def read_jsonl(path: str | Path, on_error=None) -> list[dict | None]:
+    """Load a JSON-lines file; a broken line is reported with its record index and line number.
+
+    With ``on_error`` (a callable taking the DataError) a broken line is passed to it and leaves
+    ``None`` in its place, so record indices stay aligned with other files; without, it raises.
+    """
     found, text = read_text(path)
     rows = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -86,10 +90,15 @@ def read_jsonl(path: str | Path) -> list[dict]:
             continue
         try:
             obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(found, len(rows), f"line {lineno} is not valid JSON ({e.msg}, column {e.colno})") from e
-        if not isinstance(obj, dict):
-            raise DataError(found, len(rows), f"line {lineno} is a JSON {type(obj).__name__}, expected an object")
+            if not isinstance(obj, dict):
+                raise DataError(found, len(rows), f"line {lineno} is a JSON {type(obj).__name__}, expected an object")
+        except (json.JSONDecodeError, DataError) as e:
+            error = e if isinstance(e, DataError) else \
+                DataError(found, len(rows), f"line {lineno} is not valid JSON ({e.msg}, column {e.colno})")
+            if on_error is None:
+                raise error from e
+            on_error(error)
+            obj = None
         rows.append(obj)
     return rows
 
@@ -224,10 +233,11 @@ def tree_cot_rationale(cot: str, family: str) -> str | None:
     """Rationale of a tree-of-thought CoT: the text before the last ``the answer is`` (SVAMP:
     ``answer is``), cut after its last period. ``None`` when the CoT has no such phrase."""
     sep = "answer is " if family == "svamp" else "the answer is "
-    parts = cot.split(sep)
-    if len(parts) < 2:
+    # ANLI's answer pattern ignores case, so its rationale split does too ("So The answer is ...").
+    at = (cot.lower() if family == "anli1" else cot).rfind(sep)
+    if at < 0:
         return None
-    before = sep.join(parts[:-1])
+    before = cot[:at]
     return before[: before.rfind(".") + 1].strip()
 
 
@@ -277,5 +287,5 @@ def evaluation_verdict(evaluation: str) -> tuple[str, str] | None:
     rationale the evaluation without its last line. ``None`` when no verdict is found."""
     for verdict, pattern in _VERDICTS:
         if pattern.search(evaluation):
-            return "\n".join(evaluation.split("\n")[:-1]).strip(), verdict
+            return "\n".join(evaluation.rstrip().split("\n")[:-1]).strip(), verdict
     return None

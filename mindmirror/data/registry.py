@@ -95,6 +95,7 @@ class _Question:
     source: str
     record: int
     teacher: formats.TeacherRecord | tuple | None = None  # tree record, or (file, index, text) for DSS
+    error: DataError | None = None  # a broken ground-truth record, kept as a placeholder for alignment
 
 
 class _Skipper:
@@ -130,8 +131,15 @@ def _load_questions(spec: DatasetSpec, data_dir: Path, split: str, eos_token: st
         order = formats.svamp_split(problems)[split]
         questions = [_Question(*formats.gt_example(problems[i], "svamp", path, i), str(path), i) for i in order]
     else:
-        questions = [_Question(*formats.gt_example(obj, spec.family, path, i, eos_token), str(path), i)
-                     for i, obj in enumerate(formats.read_jsonl(path))]
+        errors: list[DataError] = []
+        questions = []
+        for i, obj in enumerate(formats.read_jsonl(path, on_error=errors.append)):
+            try:
+                if obj is None:
+                    raise errors.pop(0)
+                questions.append(_Question(*formats.gt_example(obj, spec.family, path, i, eos_token), str(path), i))
+            except DataError as e:
+                questions.append(_Question("", "", str(path), i, error=e))
     if files and len(teacher) != len(questions):
         raise DataError(spec.llm_dir(data_dir), None,
                         f"the {split} chunk files ({', '.join(p.name for p in files)}) hold {len(teacher)} "
@@ -161,12 +169,19 @@ def _check_tree2_jsonl(path: Path, teacher: list[formats.TeacherRecord]) -> None
             raise DataError(found, i, "does not match the teacher file's CoT and verdict at this position")
 
 
+def _check_order(q: _Question) -> None:
+    """The teacher record attached to a question must be about that question."""
+    t = q.teacher
+    if isinstance(t, formats.TeacherRecord) and t.question is not None and q.gold \
+            and " ".join(t.question.split()) != " ".join(q.input.split()):
+        raise DataError(t.source, t.record, f"question does not match record {q.record} of {q.source}: "
+                                            "teacher files and ground truth are out of order")
+
+
 def _tree_rows(q: _Question, family: str, model_type: str, label_type: str, branches: int) -> list[TaskRow]:
     """Rows of one question from its tree-of-thought record (raises DataError for bad text)."""
     t: formats.TeacherRecord = q.teacher
-    if t.question is not None and q.gold and " ".join(t.question.split()) != " ".join(q.input.split()):
-        raise DataError(t.source, t.record, f"question does not match record {q.record} of {q.source}: "
-                                            "teacher files and ground truth are out of order")
+    _check_order(q)
     if len(t.cots) < branches:
         raise DataError(t.source, t.record, f"has {len(t.cots)} CoTs, fewer than the {branches} requested "
                                             "(--num_train_branches)")
@@ -209,6 +224,7 @@ def _eval_rows(q: _Question, spec: DatasetSpec, model_type: str) -> list[TaskRow
     if model_type == "task_prefix_tree2":
         t = q.teacher
         return _tree_rows(q, spec.family, model_type, "llm", len(t.cots)) if t is not None else []
+    _check_order(q)
     rationale = ""
     if isinstance(q.teacher, formats.TeacherRecord) and q.teacher.cots:
         rationale = formats.tree_cot_rationale(q.teacher.cots[0], spec.family) or ""
@@ -266,6 +282,8 @@ def build_task_rows(dataset: str, data_dir: str | Path | None = None, *, model_t
         rows, questions = [], 0
         for q in splits[split]:
             try:
+                if q.error is not None:
+                    raise q.error
                 rows_q = (_train_rows(q, spec, model_type, label_type, num_train_branches) if split == "train"
                           else _eval_rows(q, spec, model_type))
             except DataError as e:

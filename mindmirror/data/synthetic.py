@@ -5,7 +5,7 @@ self-evaluations) cannot ship with the package, so mindmirror bundles a syntheti
 exactly the same file structure as the real ``svamp_tree1`` / ``svamp_tree2`` data
 (see ``shared/data/seed-sample`` and ``docs``):
 
-* 36 templates of one- and two-operation word problems (``+ - * /``, exact integer division,
+* 38 templates of one- and two-operation word problems (``+ - * /``, exact integer division,
   non-negative integer answers, operands mostly 2..99), each a Body (one or two sentences) and a
   Question, with the gold equation in SVAMP's own format, e.g. ``( 84.0 / 2.0 )`` or
   ``( 10.0 - ( 3.0 + 6.0 ) )``.
@@ -510,7 +510,7 @@ def _t_add_div(c: _Ctx) -> dict:
 def _t_sub_div(c: _Ctx) -> dict:
     d = c.n(2, 9)
     rest = d * c.n(2, 90 // d)
-    b = c.n(2, 99 - rest) if rest < 97 else 2
+    b = c.n(2, 99 - rest)
     a = rest + b
     return _p(f"{c.n1} had {a} cards. {c.He} kept {b} cards and shared the rest equally among {d} friends.",
               "How many cards did each friend get?", ("/", ("-", a, b), d),
@@ -571,11 +571,12 @@ def _weighted(rng: random.Random, pairs) -> object:
 
 
 def _is_valid_wrong(e: Expr, gold: Fraction) -> bool:
+    """A wrong expression whose value and intermediate values are non-negative integers."""
     try:
-        v = expr_value(e)
+        values = [expr_value(_get(e, p)) for p in _paths(e)]
     except ZeroDivisionError:
         return False
-    return v != gold and v >= 0 and v.denominator == 1
+    return values[0] != gold and all(v >= 0 and v.denominator == 1 for v in values)
 
 
 def _commute(rng: random.Random, e: Expr) -> Expr:

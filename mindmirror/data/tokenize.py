@@ -25,7 +25,12 @@ def tokenizer_fingerprint(tokenizer) -> str:
     """A hash of everything that decides how the tokenizer splits text."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else repr(sorted(tokenizer.get_vocab().items())).encode())
+    if backend is not None:
+        # Truncation/padding are call-time state (set by the last call), not how text is split.
+        spec = {k: v for k, v in json.loads(backend.to_str()).items() if k not in ("truncation", "padding")}
+        h.update(json.dumps(spec, sort_keys=True).encode())
+    else:
+        h.update(repr(sorted(tokenizer.get_vocab().items())).encode())
     h.update(repr((tokenizer.pad_token_id, tokenizer.eos_token_id, type(tokenizer).__name__)).encode())
     return h.hexdigest()
 
