@@ -97,6 +97,8 @@ def export_model(accelerator, model, tokenizer, folder: Path, extra: dict | None
         shutil.rmtree(tmp, ignore_errors=True)
         t5 = accelerator.unwrap_model(model).t5
         t5_state = {k.removeprefix("t5."): v for k, v in state_dict.items()}
+        for tied in getattr(t5, "all_tied_weights_keys", {}):  # copies of `shared`, restored on load
+            t5_state.pop(tied, None)
         t5.save_pretrained(tmp, state_dict=t5_state, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if extra:

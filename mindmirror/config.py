@@ -35,14 +35,14 @@ class TrainConfig:
     label_type: str = _arg("gt", "gt: ground-truth labels; llm: labels parsed from the teacher's answers.")
     llm: str = _arg("gpt-3.5-turbo", "Name of the teacher whose files are read (recorded; the files decide).")
     alpha: float = _arg(0.5, "Loss = alpha * label_loss + (1 - alpha) * rationale_loss, alpha in [0, 1].")
-    batch_size: int = _arg(64, "Micro-batch size per process (questions; each gives a predict and an explain "
+    batch_size: int = _arg(32, "Micro-batch size per process (questions; each gives a predict and an explain "
                                "row). Global batch = batch_size x grad_accum_steps x processes.")
     max_input_length: int = _arg(1024, "Inputs are truncated to this many tokens.")
     run: int = _arg(0, "Random seed of the run (initialisation, shuffling, subsampling).")
     prompt: bool = _arg(False, "Original flag: prepend the (empty) prompt of the original code. Accepted; no effect.")
     num_train_branches: int = _arg(1, "CoTs used per training question (1 to what the teacher files hold).")
-    num_train_epochs: float = _arg(12.0, "Epochs over the training rows (ignored when --max_steps > 0).")
-    lr: float = _arg(2e-3, "Peak learning rate of AdamW (the paper used 5e-5 for pretrained t5-v1_1).")
+    num_train_epochs: float = _arg(5.0, "Epochs over the training rows (ignored when --max_steps > 0).")
+    lr: float = _arg(3e-3, "Peak learning rate of AdamW (the paper used 5e-5 for pretrained t5-v1_1).")
     continue_train: bool = _arg(False, "Stage 2: start from the stage-1 export (task_prefix_tree2 on the same "
                                        "dataset family) found at the place --output_dir's default would give it; "
                                        "see README.")
@@ -75,6 +75,7 @@ class TrainConfig:
     max_target_length: int = _arg(256, "Labels and rationales are truncated to this many tokens.")
     valid_fraction: float = _arg(0.1, "Fraction of training questions carved out as the validation split.")
     max_eval_samples: int = _arg(0, "Evaluate on at most this many validation rows (0: all).")
+    max_test_samples: int = _arg(0, "Test on at most this many test rows (0: all).")
     skip_bad_records: bool = _arg(False, "Skip and count unparsable records instead of stopping with an error.")
     save_steps: int = _arg(0, "Save a resumable checkpoint every N optimizer steps (0: at the end only).")
     save_total_limit: int = _arg(2, "Keep this many newest checkpoints.")
@@ -145,6 +146,15 @@ def default_output_dir(cfg: TrainConfig, **override) -> Path:
     model = Path(values["from_pretrained"]).name or values["from_pretrained"]
     leaf = f"{values['label_type']}_b{values['num_train_branches']}_a{values['alpha']}_s{values['run']}"
     return Path("runs") / values["dataset"] / values["model_type"] / model / leaf
+
+
+def flags_markdown() -> str:
+    """The flag table of the README (kept in sync by a test)."""
+    lines = ["| flag | default | meaning |", "|---|---|---|"]
+    for f in fields(TrainConfig):
+        default = "(empty)" if f.default == "" else f"`{f.default}`"
+        lines.append(f"| `--{f.name}` | {default} | {f.metadata['help'].replace('|', '/')} |")
+    return "\n".join(lines)
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:

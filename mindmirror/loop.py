@@ -104,8 +104,8 @@ def load_data(cfg: TrainConfig, tokenizer, accelerator):
                                        label_type=cfg.label_type, num_train_branches=cfg.num_train_branches,
                                        valid_fraction=cfg.valid_fraction, subsample=cfg.subsample, seed=cfg.run,
                                        skip_bad_records=cfg.skip_bad_records, eos_token=tokenizer.eos_token)
-        if cfg.max_eval_samples:
-            rows["valid"] = rows["valid"][: cfg.max_eval_samples]
+        for split, limit in (("valid", cfg.max_eval_samples), ("test", cfg.max_test_samples)):
+            rows[split] = rows[split][:limit] if limit else rows[split]
         tables = {split: tokenize_rows(r, tokenizer, with_rationale=with_rationale,
                                        max_input_length=cfg.max_input_length,
                                        max_target_length=cfg.max_target_length, cache_dir=cfg.cache_dir or None)
@@ -283,7 +283,9 @@ def train(cfg: TrainConfig) -> dict:
                     step_sums += sums.detach().float().cpu()
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-                        if grad_norm is None:  # DeepSpeed clips and steps inside the engine
+                        if grad_norm is None:
+                            # DeepSpeed clips and steps inside the engine; its own overflow check
+                            # skips a non-finite step (fp32/fp16, and bf16 with check_grad_overflow).
                             grad_norm = torch.tensor(float(model.get_global_grad_norm() or 0.0))
                         finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
                         if finite:
@@ -310,13 +312,13 @@ def train(cfg: TrainConfig) -> dict:
             bar.update(1)
 
             # ---- log ----
-            window["sums"] += accelerator.reduce(step_sums.to(accelerator.device), reduction="sum").cpu() \
-                if world > 1 else step_sums
+            window["sums"] += step_sums  # this rank's; summed over ranks at log time
             window["counts"] += counts
             window["tokens"] += int(counts.sum()) + sum(int(m[k].sum()) for m in micro for k in m if k.endswith("attention_mask")) * world
             window["steps"] += 1
             if state["step"] % cfg.logging_steps == 0 or state["step"] == total_steps:
-                per_task = (window["sums"] / window["counts"].clamp(min=1)).tolist()
+                sums = accelerator.reduce(window["sums"].to(accelerator.device), reduction="sum").cpu()
+                per_task = (sums / window["counts"].clamp(min=1)).tolist()
                 elapsed = time.time() - window["t0"]
                 record = {"step": state["step"], "loss": alpha * per_task[0] + (1 - alpha) * per_task[1],
                           "label_loss": per_task[0], "rationale_loss": per_task[1],

@@ -65,8 +65,9 @@ def load_tokenizer(name: str, from_pretrained: str, random_init: bool):
     try:
         return AutoTokenizer.from_pretrained(name)
     except (OSError, ValueError) as e:
-        raise ModelLoadError(f"could not load the tokenizer {name!r}: {e}\nPass --tokenizer FOLDER, or use "
-                             f"the bundled one ({BUNDLED_TOKENIZER}) by building the model with --random_init.") from e
+        raise ModelLoadError(f"could not load the tokenizer {name!r} (no network, or not found): {e}\nPass "
+                             "--tokenizer FOLDER, or train from scratch with --random_init, which uses the bundled "
+                             "tokenizer.") from e
 
 
 def load_model(from_pretrained: str, tokenizer, random_init: bool = False, init_from: str = ""):

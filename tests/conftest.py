@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 SEED_SAMPLE = REPO.parent / "shared" / "data" / "seed-sample"
 
 # Small, fast training settings on the bundled synthetic data.
-FAST = ["--subsample", "0.02", "--valid_fraction", "0.01", "--max_eval_samples", "16", "--gen_max_len", "12",
+FAST = ["--subsample", "0.02", "--valid_fraction", "0.01", "--max_eval_samples", "16", "--max_test_samples", "32",
+        "--gen_max_len", "12",
         "--report_to", "none", "--logging_steps", "1", "--lr_scheduler", "linear", "--warmup_ratio", "0.2"]
 
 

@@ -56,3 +56,11 @@ def test_more_branches_than_the_teacher_wrote_is_a_clear_error(capsys, tmp_path,
     assert train_main(["--num_train_branches", "6", "--report_to", "none", "--cache_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "train_CoT_0.json" in err and "has 5 CoTs, fewer than the 6 requested" in err
+
+
+def test_readme_flag_table_matches_the_code():
+    from mindmirror.config import flags_markdown
+
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("<!-- flags:start")[1].split("-->", 1)[1].split("<!-- flags:end -->")[0].strip()
+    assert block == flags_markdown(), "regenerate the README table with mindmirror.config.flags_markdown()"
