@@ -62,6 +62,16 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
                        kwargs_handlers=kwargs)
 
 
+def set_cpu_threads() -> None:
+    """On CPU, share the cores among this machine's processes (``accelerate launch`` would pin a
+    single process to one thread); ``MINDMIRROR_NUM_THREADS`` overrides."""
+    if torch.cuda.is_available():
+        return
+    wanted = os.environ.get("MINDMIRROR_NUM_THREADS")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(int(wanted) if wanted else max(1, cores // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+
+
 def deepspeed_config(accelerator) -> dict | None:
     plugin = accelerator.state.deepspeed_plugin
     return plugin.deepspeed_config if plugin is not None else None
@@ -141,6 +151,7 @@ def train(cfg: TrainConfig) -> dict:
     preemption = Preemption()
     out = Path(cfg.output_dir)
     accelerator = build_accelerator(cfg)
+    set_cpu_threads()
     is_main, world, rank = accelerator.is_main_process, accelerator.num_processes, accelerator.process_index
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s")
     if is_main:
