@@ -373,7 +373,7 @@ def train(cfg: TrainConfig) -> dict:
         "wall_s": time.time() - t_start, "world_size": world, "zero_stage": zero_stage,
         "mixed_precision": str(ds_precision(ds_config) or accelerator.mixed_precision),
         "nonfinite_steps": state["nonfinite_steps"], "parameters": n_params, "model": cfg.from_pretrained,
-        "dataset": cfg.dataset, "model_type": cfg.model_type, "rows": report.rows, "skipped_records": len(report.skipped),
+        "dataset": cfg.dataset, "model_type": cfg.model_type, "rows": {split: len(r) for split, r in rows.items()}, "skipped_records": len(report.skipped),
     }
     if is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
