@@ -31,6 +31,7 @@ def launch_env(tmp_path: Path) -> dict:
     env.update({"MINDMIRROR_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONUNBUFFERED": "1"})
     env.pop("ACCELERATE_USE_CPU", None)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # the `accelerate` of this Python
     return env
 
 

@@ -190,3 +190,22 @@ def test_two_stages_self_evaluation_then_cot(tmp_path):
 def test_gradient_checkpointing_changes_memory_not_results(baseline, tmp_path):
     run_train(tmp_path, FAST + STEPS + ["--batch_size", "8", "--gradient_checkpointing", "--output_dir", "out"])
     assert train_losses(tmp_path / "out") == pytest.approx(train_losses(baseline), abs=TOL)
+
+
+def test_two_nodes_through_multinode_script_match_one_process(baseline, tmp_path):
+    """launch/multinode.sh on two "nodes" of one machine (one process each) trains as one job."""
+    from conftest import free_port
+
+    env = launch_env(tmp_path) | {"NNODES": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+                                  "GPUS_PER_NODE": "1", "ACCELERATE_USE_CPU": "true"}
+    args = FAST + STEPS + ["--batch_size", "4", "--output_dir", str(tmp_path / "out")]
+    nodes = [subprocess.Popen(["bash", str(REPO / "launch" / "multinode.sh")] + args, cwd=tmp_path,
+                              env=env | {"NODE_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for rank in (0, 1)]
+    outputs = [node.communicate(timeout=600) for node in nodes]
+    for node, (_, err) in zip(nodes, outputs):
+        assert node.returncode == 0, err[-4000:]
+    assert "node 1 of 2" in outputs[1][1]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["world_size"] == 2
+    assert train_losses(tmp_path / "out") == pytest.approx(train_losses(baseline), abs=TOL)

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Start mindmirror's share of a multi-node job on this node: one `accelerate launch` per node.
+#
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 GPUS_PER_NODE=8 \
+#     launch/multinode.sh --dataset svamp_tree1 --from_pretrained google/t5-v1_1-large ...
+#
+# Environment (all but NODE_RANK and MASTER_ADDR have defaults):
+#   NNODES         number of nodes (default 1)
+#   NODE_RANK      this node's rank, 0 .. NNODES-1
+#   MASTER_ADDR    address of node 0, reachable from every node
+#   MASTER_PORT    a free TCP port on node 0 (default 29500)
+#   GPUS_PER_NODE  processes per node (default: the GPUs nvidia-smi lists, else 1)
+#   ACCELERATE_CONFIG_FILE  an Accelerate config such as launch/zero3.yaml (default: plain DDP);
+#                  its machine and process counts are overridden by the values above
+# Every argument goes to train/main.py unchanged.
+set -euo pipefail
+
+: "${NODE_RANK:?set NODE_RANK (0 .. NNODES-1)}"
+: "${MASTER_ADDR:?set MASTER_ADDR (the address of node 0)}"
+NNODES=${NNODES:-1}
+MASTER_PORT=${MASTER_PORT:-29500}
+if [ -z "${GPUS_PER_NODE:-}" ]; then
+  GPUS_PER_NODE=$( (nvidia-smi -L 2>/dev/null || true) | grep -c '^GPU' || true)
+  [ "$GPUS_PER_NODE" -gt 0 ] || GPUS_PER_NODE=1
+fi
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+launch=(--num_machines "$NNODES" --machine_rank "$NODE_RANK" --main_process_ip "$MASTER_ADDR"
+        --main_process_port "$MASTER_PORT" --num_processes $((NNODES * GPUS_PER_NODE)) --same_network
+        --rdzv_backend static --dynamo_backend no)
+if [ -n "${ACCELERATE_CONFIG_FILE:-}" ]; then
+  launch=(--config_file "$ACCELERATE_CONFIG_FILE" "${launch[@]}")
+else
+  launch=(--multi_gpu "${launch[@]}")
+fi
+
+echo "multinode: node $NODE_RANK of $NNODES, $GPUS_PER_NODE processes here, main $MASTER_ADDR:$MASTER_PORT" >&2
+exec accelerate launch "${launch[@]}" "$repo/train/main.py" "$@"
