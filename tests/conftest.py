@@ -29,6 +29,8 @@ def free_port() -> int:
 def launch_env(tmp_path: Path) -> dict:
     env = dict(os.environ)
     env.update({"MINDMIRROR_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                # One thread per process everywhere, so runs laid out differently sum in the same order.
+                "MINDMIRROR_NUM_THREADS": "1",
                 "PYTHONUNBUFFERED": "1"})
     env.pop("ACCELERATE_USE_CPU", None)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"  # the `accelerate` of this Python

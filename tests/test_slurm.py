@@ -1,0 +1,164 @@
+"""The SLURM template under a real Slurm: a two-node cluster of slurmd daemons on this machine.
+
+Needs root and Debian's slurm-wlm (``.ci/run`` installs it where it can); skips, saying why, elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import FAST, REPO, free_port, launch_env, read_metrics
+
+pytestmark = pytest.mark.slow
+DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "squeue")
+
+
+def _run(*cmd, env=None, check=True, timeout=60):
+    return subprocess.run(list(cmd), env=env, capture_output=True, text=True, check=check, timeout=timeout)
+
+
+def _start_munge():
+    if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:
+        return None  # already running
+    munge = pwd.getpwnam("munge")
+    for d in ("/etc/munge", "/run/munge", "/var/lib/munge", "/var/log/munge"):
+        Path(d).mkdir(parents=True, exist_ok=True)
+        os.chown(d, munge.pw_uid, munge.pw_gid)
+    key = Path("/etc/munge/munge.key")
+    if not key.exists():
+        key.write_bytes(os.urandom(1024))
+        os.chown(key, munge.pw_uid, munge.pw_gid)
+        key.chmod(0o400)
+    proc = subprocess.Popen(["munged", "--force", "--foreground"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(50):
+        if subprocess.run("munge -n | unmunge", shell=True, capture_output=True).returncode == 0:
+            return proc
+        time.sleep(0.1)
+    proc.kill()
+    pytest.skip("munged did not start")
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A running two-node Slurm (nodes n1 and n2 on 127.0.0.1); yields the environment to talk to it."""
+    if os.geteuid() != 0:
+        pytest.skip("starting munge and Slurm daemons needs root")
+    missing = [d for d in DAEMONS if shutil.which(d) is None]
+    if missing:
+        pytest.skip(f"Slurm is not installed (missing {', '.join(missing)}; apt-get install slurm-wlm)")
+    tmp = tmp_path_factory.mktemp("slurm")
+    munged = _start_munge()
+    ctld, node_a, node_b = free_port(), free_port(), free_port()
+    conf = tmp / "slurm.conf"
+    conf.write_text(f"""ClusterName=mmtest
+SlurmctldHost=localhost
+SlurmctldPort={ctld}
+AuthType=auth/munge
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+StateSaveLocation={tmp}/state
+SlurmdSpoolDir={tmp}/spool-%n
+SlurmctldPidFile={tmp}/slurmctld.pid
+SlurmdPidFile={tmp}/slurmd-%n.pid
+SlurmctldLogFile={tmp}/ctld.log
+SlurmdLogFile={tmp}/slurmd-%n.log
+SlurmUser=root
+ReturnToService=2
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+NodeName=n1 NodeHostname=localhost NodeAddr=127.0.0.1 Port={node_a} CPUs=1 RealMemory=4000
+NodeName=n2 NodeHostname=localhost NodeAddr=127.0.0.1 Port={node_b} CPUs=1 RealMemory=4000
+PartitionName=debug Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
+""")
+    (tmp / "state").mkdir()
+    env = dict(os.environ, SLURM_CONF=str(conf))
+    daemons = [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+               for cmd in (["slurmctld", "-D", "-i", "-f", str(conf)], ["slurmd", "-D", "-N", "n1", "-f", str(conf)],
+                           ["slurmd", "-D", "-N", "n2", "-f", str(conf)])]
+    try:
+        for _ in range(100):
+            out = _run("sinfo", "-h", "-o", "%T %D", env=env, check=False).stdout.split()
+            if out[:2] == ["idle", "2"]:
+                break
+            time.sleep(0.3)
+        else:
+            pytest.skip(f"Slurm did not come up: sinfo says {out}; see {tmp}/ctld.log")
+        yield env
+    finally:
+        for proc in daemons + ([munged] if munged else []):
+            proc.terminate()
+        for proc in daemons + ([munged] if munged else []):
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _wait_for_job(job: str, env: dict, timeout: float = 600) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if not _run("squeue", "-h", "-j", job, env=env, check=False).stdout.strip():
+            return
+        time.sleep(1)
+    raise AssertionError(f"job {job} still queued after {timeout} s")
+
+
+def _submit(tmp_path: Path, env: dict, args: list[str]) -> str:
+    (tmp_path / "logs").mkdir(exist_ok=True)
+    job_env = env | launch_env(tmp_path) | {"SLURM_CONF": env["SLURM_CONF"], "ACCELERATE_USE_CPU": "true",
+                                            "MINDMIRROR_ROOT": str(REPO)}
+    out = _run("sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", "--gpus-per-node=0", "--chdir", str(tmp_path),
+               str(REPO / "launch" / "slurm" / "train.sbatch"), *args, env=job_env)
+    return out.stdout.strip().split(";")[0]
+
+
+def _job_log(tmp_path: Path, job: str) -> str:
+    return (tmp_path / "logs" / f"mindmirror-{job}.out").read_text()
+
+
+def test_template_trains_on_two_nodes(slurm, tmp_path):
+    job = _submit(tmp_path, slurm, FAST + ["--max_steps", "4", "--batch_size", "4", "--output_dir", "out"])
+    _wait_for_job(job, slurm)
+    log = _job_log(tmp_path, job)
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["final_step"] == 4, log[-3000:]
+    assert "on 2 node(s)" in log and "main 127.0.0.1:" in log
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path):
+    args = FAST + ["--max_steps", "40", "--batch_size", "4", "--save_steps", "1000", "--output_dir", "out"]
+    # The uninterrupted reference, on one machine with the same global batch.
+    from conftest import run_train
+
+    run_train(tmp_path, FAST + ["--max_steps", "40", "--batch_size", "8", "--output_dir", "ref"])
+    job = _submit(tmp_path, slurm, args)
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"loss"') >= 5):
+        assert _run("squeue", "-h", "-j", job, env=slurm, check=False).stdout.strip(), _job_log(tmp_path, job)[-3000:]
+        time.sleep(0.2)
+    _run("scancel", "--signal=USR1", "--batch", job, env=slurm)
+    # The job saves and requeues itself; Slurm may hold a requeued job back for a while: start it now.
+    deadline = time.time() + 300
+    while time.time() < deadline and "restart 1" not in _job_log(tmp_path, job):
+        state = _run("squeue", "-h", "-j", job, "-o", "%T", env=slurm, check=False).stdout.strip()
+        if state == "PENDING":
+            _run("scontrol", "update", f"jobid={job}", "starttime=now", env=slurm, check=False)
+        time.sleep(0.5)
+    _wait_for_job(job, slurm)
+    log = _job_log(tmp_path, job)
+    assert "requeueing" in log and "restart 1" in log, log[-3000:]
+    assert "resumed from step" in log
+    losses = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "out") if "loss" in m}
+    reference = [m["loss"] for m in read_metrics(tmp_path / "ref") if "loss" in m]
+    assert [losses[s] for s in range(1, 41)] == pytest.approx(reference, abs=2e-5)
