@@ -30,8 +30,10 @@ launch=(--num_machines "$NNODES" --machine_rank "$NODE_RANK" --main_process_ip "
         --rdzv_backend static --dynamo_backend no)
 if [ -n "${ACCELERATE_CONFIG_FILE:-}" ]; then
   launch=(--config_file "$ACCELERATE_CONFIG_FILE" "${launch[@]}")
-else
+elif [ $((NNODES * GPUS_PER_NODE)) -gt 1 ]; then
   launch=(--multi_gpu "${launch[@]}")
+else  # a single process: Accelerate refuses --multi_gpu and the multi-machine flags
+  launch=(--num_processes 1 --num_machines 1 --dynamo_backend no)
 fi
 
 echo "multinode: node $NODE_RANK of $NNODES, $GPUS_PER_NODE processes here, main $MASTER_ADDR:$MASTER_PORT" >&2

@@ -113,10 +113,15 @@ def _wait_for_job(job: str, env: dict, timeout: float = 600) -> None:
     raise AssertionError(f"job {job} still queued after {timeout} s")
 
 
+def _job_env(tmp_path: Path, slurm_env: dict) -> dict:
+    """The submitting shell's environment: this Python's tools, CPU processes, the repository."""
+    return slurm_env | launch_env(tmp_path) | {"SLURM_CONF": slurm_env["SLURM_CONF"], "ACCELERATE_USE_CPU": "true",
+                                                "MINDMIRROR_ROOT": str(REPO)}
+
+
 def _submit(tmp_path: Path, env: dict, args: list[str]) -> str:
     (tmp_path / "logs").mkdir(exist_ok=True)
-    job_env = env | launch_env(tmp_path) | {"SLURM_CONF": env["SLURM_CONF"], "ACCELERATE_USE_CPU": "true",
-                                            "MINDMIRROR_ROOT": str(REPO)}
+    job_env = _job_env(tmp_path, env)
     out = _run("sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", "--gpus-per-node=0", "--chdir", str(tmp_path),
                str(REPO / "launch" / "slurm" / "train.sbatch"), *args, env=job_env)
     return out.stdout.strip().split(";")[0]
@@ -153,6 +158,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path):
     while time.time() < deadline and "restart 1" not in _job_log(tmp_path, job):
         state = _run("squeue", "-h", "-j", job, "-o", "%T", env=slurm, check=False).stdout.strip()
         if state == "PENDING":
+            # slurmd refuses credentials issued in the second the old run was revoked: let it pass.
+            time.sleep(3)
             _run("scontrol", "update", f"jobid={job}", "starttime=now", env=slurm, check=False)
         time.sleep(0.5)
     _wait_for_job(job, slurm)
@@ -162,3 +169,19 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path):
     losses = {m["step"]: m["loss"] for m in read_metrics(tmp_path / "out") if "loss" in m}
     reference = [m["loss"] for m in read_metrics(tmp_path / "ref") if "loss" in m]
     assert [losses[s] for s in range(1, 41)] == pytest.approx(reference, abs=2e-5)
+
+
+def test_sweep_array_runs_one_task_per_line(slurm, tmp_path):
+    (tmp_path / "logs").mkdir()
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("# recipes x seeds\n--run 0 --output_dir runs/s0\n\n--run 1 --alpha 0.3 --output_dir runs/s1\n")
+    job_env = _job_env(tmp_path, slurm)
+    job = _run("sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1", "--gpus-per-node=0", "--chdir",
+               str(tmp_path), str(REPO / "launch" / "slurm" / "sweep.sbatch"), str(sweep),
+               *FAST, "--max_steps", "2", "--batch_size", "4", env=job_env).stdout.strip().split(";")[0]
+    _wait_for_job(job, slurm)
+    for seed, alpha in ((0, 0.5), (1, 0.3)):
+        out = tmp_path / "runs" / f"s{seed}"
+        config = json.loads((out / "config.json").read_text())
+        assert (config["run"], config["alpha"]) == (seed, alpha)
+        assert json.loads((out / "summary.json").read_text())["final_step"] == 2
