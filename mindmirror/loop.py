@@ -262,8 +262,11 @@ def train(cfg: TrainConfig) -> dict:
     fault_steps = {int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s.strip()}
     kill_at = int(os.environ.get(FAULT_KILL_AT_STEP, "0"))
     nonfinite_in_row = 0
-    window = {"sums": torch.zeros(2), "counts": torch.zeros(2), "tokens": 0, "t0": time.time(), "steps": 0}
-    train_time, t_steps = 0.0, time.time()
+    def fresh_window() -> dict:  # what is summed between two log lines
+        return {"sums": torch.zeros(2), "counts": torch.zeros(2), "tokens": 0, "t0": time.time(), "steps": 0}
+
+    window = fresh_window()
+    t_steps = time.time()
     bar = tqdm(total=total_steps, initial=state["step"], disable=not is_main, desc="training", dynamic_ncols=True)
     model.train()
     stopped_by_signal = False
@@ -274,7 +277,8 @@ def train(cfg: TrainConfig) -> dict:
             # One optimizer step. Agree on the step's target-token counts and on whether to stop.
             if state["step"] + 1 == kill_at:
                 os.kill(os.getpid(), signal.SIGKILL)
-            micro = [collate([train_examples[i] for i in idx]) for idx in rank_micro_batches(step_rows, cfg.batch_size, cfg.grad_accum_steps, world, rank)]
+            mine = rank_micro_batches(step_rows, cfg.batch_size, cfg.grad_accum_steps, world, rank)
+            micro = [collate([train_examples[i] for i in idx]) for idx in mine]
             local = torch.stack([m["token_counts"] for m in micro]).sum(0).float()
             agreed = accelerator.reduce(torch.cat([local, torch.tensor([float(preemption.requested)])])
                                         .to(accelerator.device), reduction="sum").cpu()
@@ -339,7 +343,7 @@ def train(cfg: TrainConfig) -> dict:
                 emit(record)
                 state["last_loss"] = record["loss"]
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
-                window = {"sums": torch.zeros(2), "counts": torch.zeros(2), "tokens": 0, "t0": time.time(), "steps": 0}
+                window = fresh_window()
 
             maybe_evaluate()
             maybe_save()
