@@ -84,6 +84,10 @@ class TrainConfig:
     report_to: str = _arg("tensorboard", "Accelerate tracker(s): tensorboard, wandb, mlflow, ..., or none.")
     max_nonfinite_steps: int = _arg(5, "Stop after this many non-finite losses in a row.")
     cache_dir: str = _arg("", "Tokenized-data cache; empty: $MINDMIRROR_CACHE or ~/.cache/mindmirror.")
+    vocab_size: int = _arg(0, "Built models (size names, --random_init): embedding rows; 0: the tokenizer's size "
+                              "rounded up to 128 (32128 gives the published t5-v1_1 architecture).")
+    group_by_length: bool = _arg(True, "Group rows of similar length into the same step (less padding).")
+    pad_to_multiple_of: int = _arg(0, "Pad sequence lengths to a multiple of this; 0: 8 on GPU, 1 on CPU.")
 
     # -----------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":

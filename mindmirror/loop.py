@@ -9,6 +9,7 @@ log, evaluate, checkpoint -> export ``final/`` -> test the best model once -> ``
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -24,7 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import DummyOptim, DummyScheduler, InitProcessGroupKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
-from mindmirror import checkpoint, evaluate
+from mindmirror import checkpoint, estimate, evaluate
 from mindmirror.collate import Collator, rank_micro_batches, step_batches
 from mindmirror.config import TrainConfig
 from mindmirror.data.registry import DATASETS, build_task_rows
@@ -106,10 +107,10 @@ def build_optimizer(cfg, model, ds_config):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, **fused)
 
 
-def load_data(cfg: TrainConfig, tokenizer, accelerator):
+def load_data(cfg: TrainConfig, tokenizer, accelerator=None):
     """Task rows for every split and their tokenized tables (built once, on the main process first)."""
     with_rationale = cfg.model_type != "standard"
-    with accelerator.main_process_first():
+    with accelerator.main_process_first() if accelerator else contextlib.nullcontext():
         rows, report = build_task_rows(cfg.dataset, cfg.data_dir or None, model_type=cfg.model_type,
                                        label_type=cfg.label_type, num_train_branches=cfg.num_train_branches,
                                        valid_fraction=cfg.valid_fraction, subsample=cfg.subsample, seed=cfg.run,
@@ -168,8 +169,10 @@ def train(cfg: TrainConfig) -> dict:
         [c for c in ("input_ids", "labels", "expl_input_ids", "rationale_ids") if c in train_table.column_names]).to_list()
     with_rationale = cfg.model_type != "standard"
     alpha = cfg.alpha if with_rationale else 1.0
-    collate = Collator(tokenizer.pad_token_id, with_rationale)
-    lengths = [len(a) + len(b) for a, b in zip(train_table["input_ids"], train_table["labels"])]
+    collate = Collator(tokenizer.pad_token_id, with_rationale,
+                       cfg.pad_to_multiple_of or (8 if accelerator.device.type == "cuda" else 1))
+    # Grouping key: all the tokens a row puts through the model (both tasks' inputs and targets).
+    lengths = [sum(len(x) for x in example.values()) for example in train_examples]
     global_batch = cfg.batch_size * cfg.grad_accum_steps * world
     steps_per_epoch = len(lengths) // global_batch
     if steps_per_epoch == 0:
@@ -178,7 +181,9 @@ def train(cfg: TrainConfig) -> dict:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
 
     # ---- model, optimizer, schedule ----
-    model = DistillationObjective(load_model(cfg.from_pretrained, tokenizer, cfg.random_init, cfg.init_from))
+    mem_before_model = peak_memory_mb()  # the scaling study sets the model's share against the estimate
+    model = DistillationObjective(load_model(cfg.from_pretrained, tokenizer, cfg.random_init, cfg.init_from,
+                                             cfg.vocab_size))
     model.config = model.t5.config  # DeepSpeed's "auto" bucket sizes read config.hidden_size
     if cfg.gradient_checkpointing:
         model.t5.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -210,6 +215,13 @@ def train(cfg: TrainConfig) -> dict:
         log.info(f"model {cfg.from_pretrained}: {n_params / 1e6:.2f}M parameters; {world} process(es), "
                  f"ZeRO stage {zero_stage}, {accelerator.mixed_precision} precision; global batch {global_batch} "
                  f"questions; {steps_per_epoch} steps/epoch, {total_steps} steps")
+    # Model FLOPs of each training row (both tasks, forward + backward, real tokens only) for MFU.
+    flops_of = functools.lru_cache(maxsize=None)(functools.partial(estimate.sample_flops, accelerator.unwrap_model(model).t5.config))
+    row_flops = [flops_of(len(e["input_ids"]), len(e["labels"]), len(e.get("expl_input_ids", ())),
+                          len(e.get("rationale_ids", ()))) for e in train_examples]
+    precision = str(ds_precision(ds_config) or accelerator.mixed_precision)
+    peak = estimate.peak_flops(str(accelerator.device), "bf16" if precision == "bf16" else "fp32") \
+        if accelerator.device.type == "cuda" or os.environ.get(estimate.PEAK_FLOPS_ENV) else None
     accelerator.init_trackers("mindmirror", config={k: v for k, v in asdict(cfg).items()
                                                     if isinstance(v, (int, float, str, bool))})
 
@@ -263,7 +275,8 @@ def train(cfg: TrainConfig) -> dict:
     kill_at = int(os.environ.get(FAULT_KILL_AT_STEP, "0"))
     nonfinite_in_row = 0
     def fresh_window() -> dict:  # what is summed between two log lines
-        return {"sums": torch.zeros(2), "counts": torch.zeros(2), "tokens": 0, "t0": time.time(), "steps": 0}
+        return {"sums": torch.zeros(2, device=accelerator.device), "counts": torch.zeros(2), "tokens": 0,
+                "flops": 0, "t0": time.time(), "steps": 0}
 
     window = fresh_window()
     t_steps = time.time()
@@ -272,7 +285,7 @@ def train(cfg: TrainConfig) -> dict:
     stopped_by_signal = False
 
     while state["step"] < total_steps:
-        plan = step_batches(lengths, global_batch, cfg.run, state["epoch"])
+        plan = step_batches(lengths, global_batch, cfg.run, state["epoch"], cfg.group_by_length)
         for step_rows in plan[state["step_in_epoch"]:]:
             # One optimizer step. Agree on the step's target-token counts and on whether to stop.
             if state["step"] + 1 == kill_at:
@@ -286,7 +299,7 @@ def train(cfg: TrainConfig) -> dict:
                 stopped_by_signal = True
                 break
             counts = agreed[:2]
-            step_sums = torch.zeros(2)
+            step_sums = torch.zeros(2, device=accelerator.device)  # read on the host only at log time
             for mb in micro:
                 with accelerator.accumulate(model):
                     batch = {k: v.to(accelerator.device) for k, v in mb.items() if k != "token_counts"}
@@ -295,7 +308,7 @@ def train(cfg: TrainConfig) -> dict:
                     if state["step"] + 1 in fault_steps:
                         loss = loss * float("nan")
                     accelerator.backward(loss)
-                    step_sums += sums.detach().float().cpu()
+                    step_sums += sums.detach().float()
                     if accelerator.sync_gradients:
                         grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
                         if grad_norm is None:
@@ -331,15 +344,19 @@ def train(cfg: TrainConfig) -> dict:
             window["counts"] += counts
             window["tokens"] += int(counts.sum()) + sum(int(m[k].sum()) for m in micro for k in m if k.endswith("attention_mask")) * world
             window["steps"] += 1
+            window["flops"] += sum(row_flops[i] for i in step_rows)
             if state["step"] % cfg.logging_steps == 0 or state["step"] == total_steps:
-                sums = accelerator.reduce(window["sums"].to(accelerator.device), reduction="sum").cpu()
+                sums = accelerator.reduce(window["sums"], reduction="sum").cpu()
                 per_task = (sums / window["counts"].clamp(min=1)).tolist()
                 elapsed = time.time() - window["t0"]
                 record = {"step": state["step"], "loss": alpha * per_task[0] + (1 - alpha) * per_task[1],
                           "label_loss": per_task[0], "rationale_loss": per_task[1],
                           "lr": step_lr, "grad_norm": float(grad_norm),
                           "tokens_per_s": window["tokens"] / elapsed, "samples_per_s": window["steps"] * global_batch / elapsed,
+                          "model_flops_per_s": window["flops"] / elapsed,
                           "peak_mem_mb": peak_memory_mb(), "epoch": state["epoch"]}
+                if peak:
+                    record["mfu"] = window["flops"] / elapsed / (peak * world)
                 emit(record)
                 state["last_loss"] = record["loss"]
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}")
@@ -357,6 +374,7 @@ def train(cfg: TrainConfig) -> dict:
             maybe_evaluate(force=True)
     bar.close()
     train_time = time.time() - t_steps
+    peak_mem_per_rank = accelerator.gather(torch.tensor([peak_memory_mb()], device=accelerator.device)).tolist()
 
     if stopped_by_signal:
         maybe_save(force=True)
@@ -375,7 +393,8 @@ def train(cfg: TrainConfig) -> dict:
         "best_valid_accuracy": state["best_valid_accuracy"], "best_step": state["best_step"],
         "test_accuracy": test_accuracy, "train_samples_per_s": state["samples"] / max(train_time, 1e-9),
         "wall_s": time.time() - t_start, "world_size": world, "zero_stage": zero_stage,
-        "mixed_precision": str(ds_precision(ds_config) or accelerator.mixed_precision),
+        "mixed_precision": precision, "peak_mem_mb_per_rank": peak_mem_per_rank,
+        "peak_mem_mb_before_model": mem_before_model,
         "nonfinite_steps": state["nonfinite_steps"], "parameters": n_params, "model": cfg.from_pretrained,
         "dataset": cfg.dataset, "model_type": cfg.model_type, "rows": {split: len(r) for split, r in rows.items()}, "skipped_records": len(report.skipped),
     }
