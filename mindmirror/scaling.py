@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import shutil
 import socket
 import statistics
 import subprocess
@@ -213,6 +214,9 @@ def run_point(p: Point, args, root: Path) -> dict:
         except subprocess.TimeoutExpired:
             returncode = None
     result["wall_s"] = time.time() - t0
+    if not args.keep_checkpoints:  # a point's figures are in its metrics; its weights are not needed
+        for heavy in ("checkpoints", "best", "final"):
+            shutil.rmtree(out / "run" / heavy, ignore_errors=True)
     text = (out / "log.txt").read_text(errors="replace")[-20000:]
     if returncode is None:
         result.update(status="failed", reason=f"timed out after {args.timeout} s")
@@ -320,6 +324,7 @@ def parse_args(argv=None):
     p.add_argument("--gradient_checkpointing", action="store_true")
     p.add_argument("--timeout", type=int, default=3600, help="seconds before a point is stopped and marked failed")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="device peak for MFU (default: detected GPU)")
+    p.add_argument("--keep_checkpoints", action="store_true", help="keep each point's checkpoints and exports")
     p.add_argument("--retry_failed", action="store_true", help="run recorded failed / out-of-memory points again")
     p.add_argument("--dry_run", action="store_true", help="print the plan and memory estimates; run nothing")
     p.add_argument("--device_memory_gb", type=float, default=0.0,
@@ -353,7 +358,7 @@ def main(argv=None) -> int:
     if args.dry_run:
         print(dry_run(points, args))
         return 0
-    root = Path(args.output_dir)
+    root = Path(args.output_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
     results_file = root / "results.jsonl"
     done = load_results(results_file)
