@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mindmirror.collate import step_batches
+from mindmirror.collate import grouping_lengths, step_batches
 
 WORKER_FLAG = "--_worker"
 
@@ -55,10 +55,9 @@ def common_trainer_args(args) -> list[str]:
 
 def padding_fractions(table, global_batch: int, seed: int) -> dict[str, float]:
     """Fraction of padded positions over one epoch, random batches vs length-grouped batches."""
-    columns = {"input": "input_ids", "label": "labels", "rationale_input": "expl_input_ids",
-               "rationale": "rationale_ids"}
-    lens = {name: np.array([len(x) for x in table[col]]) for name, col in columns.items() if col in table.column_names}
-    grouping_key = [int(sum(v[i] for v in lens.values())) for i in range(len(lens["input"]))]  # as the loop
+    columns = [c for c in ("input_ids", "labels", "expl_input_ids", "rationale_ids") if c in table.column_names]
+    lens = {col: np.array([len(x) for x in table[col]]) for col in columns}
+    grouping_key = grouping_lengths(table.select_columns(columns).to_list())  # the loop's key
     out = {}
     for grouped in (False, True):
         padded = real = 0

@@ -22,6 +22,12 @@ from mindmirror.objective import IGNORE
 LENGTH_WINDOW = 50  # global batches per length-sorting window
 
 
+def grouping_lengths(examples: list[dict]) -> list[int]:
+    """The length-grouping key of each row: all the tokens it puts through the model (both tasks'
+    inputs and targets: every list-valued field of the example)."""
+    return [sum(len(x) for x in example.values()) for example in examples]
+
+
 def step_batches(lengths: list[int], global_batch: int, seed: int, epoch: int,
                  group_by_length: bool = True) -> list[list[int]]:
     """The epoch's optimizer steps as lists of row indices (a trailing partial step is dropped)."""

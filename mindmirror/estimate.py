@@ -64,7 +64,7 @@ def _gated(c) -> bool:
 
 
 def _act(c) -> str:
-    if getattr(c, "dense_act_fn", None):  # what the model runs (mindmirror.model.fused_gelu sets it)
+    if getattr(c, "dense_act_fn", None):  # what the model runs (mindmirror.speedups.fused_gelu sets it)
         return c.dense_act_fn
     act = str(c.feed_forward_proj).split("-")[-1]
     return "gelu_new" if act == "gelu" and _gated(c) else act  # what T5Config does for "gated-gelu"
@@ -281,7 +281,7 @@ def activation_bytes(config, micro_batch: int, enc_len: int, dec_len: int, preci
     to every decoder position. The model is transformers' eager T5 (see the module docstring); per layer:
     norm inputs/outputs (plus an fp32 copy under bf16) and rsqrt, contiguous q/k/v copies and o's input,
     softmax output ``b*h*Lq*Lk``, the FFN's GELU intermediates, dropout masks when ``dropout_rate > 0``
-    (1 byte per element for the dropout modules, :class:`mindmirror.model.Dropout` on CPU and ``F.dropout``
+    (1 byte per element for the dropout modules, :class:`mindmirror.speedups.Dropout` on CPU and ``F.dropout``
     on CUDA; ``dropout_mask_bytes`` for the attention-probability dropout, which calls ``F.dropout``: 1 on
     CUDA, the compute dtype's size on CPU, where it saves a float mask), plus the lm_head input and fp32
     log-softmax of the targets only.

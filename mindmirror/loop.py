@@ -26,7 +26,7 @@ from accelerate.utils import DummyOptim, DummyScheduler, InitProcessGroupKwargs,
 from tqdm.auto import tqdm
 
 from mindmirror import checkpoint, estimate, evaluate
-from mindmirror.collate import Collator, rank_micro_batches, step_batches
+from mindmirror.collate import Collator, grouping_lengths, rank_micro_batches, step_batches
 from mindmirror.config import TrainConfig
 from mindmirror.data.registry import DATASETS, build_task_rows
 from mindmirror.data.tokenize import tokenize_rows
@@ -171,8 +171,7 @@ def train(cfg: TrainConfig) -> dict:
     alpha = cfg.alpha if with_rationale else 1.0
     collate = Collator(tokenizer.pad_token_id, with_rationale,
                        cfg.pad_to_multiple_of or (8 if accelerator.device.type == "cuda" else 1))
-    # Grouping key: all the tokens a row puts through the model (both tasks' inputs and targets).
-    lengths = [sum(len(x) for x in example.values()) for example in train_examples]
+    lengths = grouping_lengths(train_examples)
     global_batch = cfg.batch_size * cfg.grad_accum_steps * world
     steps_per_epoch = len(lengths) // global_batch
     if steps_per_epoch == 0:
@@ -216,12 +215,12 @@ def train(cfg: TrainConfig) -> dict:
                  f"ZeRO stage {zero_stage}, {accelerator.mixed_precision} precision; global batch {global_batch} "
                  f"questions; {steps_per_epoch} steps/epoch, {total_steps} steps")
     # Model FLOPs of each training row (both tasks, forward + backward, real tokens only) for MFU.
-    flops_of = functools.lru_cache(maxsize=None)(functools.partial(estimate.sample_flops, accelerator.unwrap_model(model).t5.config))
+    flops_of = functools.lru_cache(maxsize=None)(
+        functools.partial(estimate.sample_flops, accelerator.unwrap_model(model).t5.config))
     row_flops = [flops_of(len(e["input_ids"]), len(e["labels"]), len(e.get("expl_input_ids", ())),
                           len(e.get("rationale_ids", ()))) for e in train_examples]
     precision = str(ds_precision(ds_config) or accelerator.mixed_precision)
-    peak = estimate.peak_flops(str(accelerator.device), "bf16" if precision == "bf16" else "fp32") \
-        if accelerator.device.type == "cuda" or os.environ.get(estimate.PEAK_FLOPS_ENV) else None
+    peak = estimate.peak_flops(str(accelerator.device), "bf16" if precision == "bf16" else "fp32")  # None on CPU
     accelerator.init_trackers("mindmirror", config={k: v for k, v in asdict(cfg).items()
                                                     if isinstance(v, (int, float, str, bool))})
 

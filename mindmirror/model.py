@@ -70,52 +70,6 @@ def load_tokenizer(name: str, from_pretrained: str, random_init: bool):
                              "tokenizer.") from e
 
 
-def fused_gelu(model):
-    """Run t5-v1_1's ``gelu_new`` (tanh GELU written as five Python-level tensor ops) as torch's one
-    fused kernel, ``gelu(approximate="tanh")``: the same function to float rounding, in less time and
-    with two saved tensors per FFN instead of five. The config records the change, so exports load
-    with it."""
-    from transformers.activations import GELUTanh, NewGELUActivation
-
-    if getattr(model.config, "dense_act_fn", None) != "gelu_new":
-        return model
-    for module in model.modules():
-        if isinstance(getattr(module, "act", None), NewGELUActivation):
-            module.act = GELUTanh()
-    model.config.dense_act_fn = "gelu_pytorch_tanh"
-    return model
-
-
-class Dropout(__import__("torch").nn.Dropout):
-    """``nn.Dropout`` whose CPU mask is drawn as 24-bit integers: torch's CPU ``bernoulli_`` took 12% of
-    a t5-v1_1-small training step on 2 cores, this about half of that. The keep probability is
-    ``1 - p`` to within 2**-24, the mask is kept for the backward pass as 1 byte per element instead
-    of 4, and it comes from torch's default generator, so seeding and resuming work as before. On GPU
-    it is plain ``F.dropout``."""
-
-    def forward(self, x):
-        import torch
-        import torch.nn.functional as F
-
-        if not self.training or self.p == 0 or x.device.type != "cpu":
-            return F.dropout(x, self.p, self.training, self.inplace)
-        if self.p >= 1:
-            return x * 0
-        keep = torch.empty(x.shape, dtype=torch.int32).random_(0, 2 ** 24) >= int(self.p * 2 ** 24)
-        return x.mul(keep).mul_(1 / (1 - self.p))
-
-
-def fast_dropout(model):
-    """Swap every ``nn.Dropout`` of ``model`` for :class:`Dropout` (same probability)."""
-    import torch
-
-    for module in list(model.modules()):
-        for name, child in module.named_children():
-            if type(child) is torch.nn.Dropout:
-                setattr(module, name, Dropout(child.p, child.inplace))
-    return model
-
-
 def load_model(from_pretrained: str, tokenizer, random_init: bool = False, init_from: str = "",
                vocab_size: int = 0, speedups: bool = True):
     """The student model: built from a shipped config, or loaded from ``init_from`` / the Hub / a folder.
@@ -123,6 +77,8 @@ def load_model(from_pretrained: str, tokenizer, random_init: bool = False, init_
     ``vocab_size`` (built models only) sets the embedding rows; 0 sizes them to the tokenizer.
     ``speedups`` swaps in the fused GELU and the fast CPU dropout (same functions, less time)."""
     def faster(model):
+        from mindmirror.speedups import fast_dropout, fused_gelu
+
         return fast_dropout(fused_gelu(model)) if speedups else model
 
     from transformers import T5ForConditionalGeneration

@@ -78,6 +78,10 @@ def plan(args) -> list[Point]:
 # estimates
 
 
+def parameters(p: Point, args) -> int:
+    return estimate.parameter_count(model_config(p.model, args.vocab_size))
+
+
 def estimate_point(p: Point, args) -> estimate.MemoryEstimate:
     config = model_config(p.model, args.vocab_size)
     return estimate.memory_per_rank(config, p.stage, p.world_size, p.offload, p.precision, p.micro_batch,
@@ -95,7 +99,7 @@ def dry_run(points: list[Point], args) -> str:
     for p in points:
         e = estimate_point(p, args)
         g = e.gib()
-        row = (f"| {p.name} | {estimate.parameter_count(model_config(p.model, args.vocab_size)) / 1e6:.1f}M | "
+        row = (f"| {p.name} | {parameters(p, args) / 1e6:.1f}M | "
                f"{g['params']:.2f} | {g['grads']:.2f} | {g['optimizer']:.2f} | {g['activations']:.2f} | "
                f"{g['total']:.2f} | {e.cpu_offloaded / 2 ** 30:.2f} |")
         if gb:
@@ -197,12 +201,12 @@ def measure(out: Path, p: Point, warmup: int) -> dict:
             "peak_mem_mb_per_rank": summary.get("peak_mem_mb_per_rank")}
 
 
-def run_point(p: Point, args, root: Path) -> dict:
+def run_point(p: Point, args, root: Path, e: estimate.MemoryEstimate) -> dict:
+    """Run one point (``e``: its memory estimate) and return its record."""
     out = root / "points" / p.name
     out.mkdir(parents=True, exist_ok=True)
-    e = estimate_point(p, args)
-    result = {"point": p.name, **asdict(p), "parameters": estimate.parameter_count(model_config(p.model, args.vocab_size)),
-              "est_mem_mb": e.total / 2 ** 20, "est_breakdown_mb": {k: v / 2 ** 20 for k, v in e.gib().items()}}
+    result = {"point": p.name, **asdict(p), "parameters": parameters(p, args), "est_mem_mb": e.total / 2 ** 20,
+              "est_breakdown_mb": {k: v * 1024 for k, v in e.gib().items()}}
     cmd, env = command(p, args, out)
     if args.peak_tflops:
         env[estimate.PEAK_FLOPS_ENV] = str(args.peak_tflops * 1e12)
@@ -368,7 +372,7 @@ def main(argv=None) -> int:
     for i, p in enumerate(todo, 1):
         e = estimate_point(p, args)
         print(f"[{i}/{len(todo)}] {p.name}: estimate {e.total / 2 ** 20:.0f} MB per rank ...", end=" ", flush=True)
-        result = run_point(p, args, root)
+        result = run_point(p, args, root, e)
         with open(results_file, "a") as f:
             f.write(json.dumps(result) + "\n")
         done[p.name] = result

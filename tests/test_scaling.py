@@ -42,6 +42,8 @@ def test_sweep_records_every_point_skips_finished_ones_and_survives_a_failure(en
         assert float(r["peak_mem_mb"]) > float(r["mem_before_model_mb"]) > 0
         assert float(r["model_tflops_per_s"]) > 0 and float(r["est_mem_mb"]) > 0
         assert int(r["parameters"]) > 1e6
+    for record in map(json.loads, (out / "results.jsonl").read_text().splitlines()):
+        assert record["est_breakdown_mb"]["total"] == pytest.approx(record["est_mem_mb"])
     assert bad["status"] == "failed" and "larger than" in bad["reason"] and "error" in bad["reason"], bad
     table = (out / "results.md").read_text()
     assert table.count("| tiny |") == 3 and "failed: " in table
