@@ -58,6 +58,8 @@ class TrainConfig:
     no_log: bool = _arg(False, "No TensorBoard/tracker logging (metrics.jsonl is still written).")
     output_rationale: bool = _arg(False, "At test time also generate rationales into predictions.jsonl.")
     # ---- added by mindmirror ----
+    experiment: str = _arg("", "Label of this run's group of seeds in summary.json; mindmirror-report averages the "
+                               "runs of one label (empty: <model_type> b<branches>).")
     data_dir: str = _arg("", "Folder holding one folder per dataset; empty: the bundled synthetic data.")
     output_dir: str = _arg("", "Where outputs go; empty: runs/<dataset>/<model_type>/<model>/<label_type>_"
                                "b<branches>_a<alpha>_s<run>.")

@@ -1,4 +1,5 @@
-"""Greedy generation over an evaluation split, sharded over ranks, scored on the main process."""
+"""Generation over an evaluation split (greedy, sharded over ranks; or sampled), scoring, and the
+test-time self-evaluation of :mod:`mindmirror.selfeval` over a whole split."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 import torch
 from accelerate.utils import gather_object
 
-from mindmirror import metrics
+from mindmirror import metrics, selfeval
 
 
 def shard(n: int, world: int, rank: int, batch_size: int) -> list[list[int]]:
@@ -19,6 +20,15 @@ def shard(n: int, world: int, rank: int, batch_size: int) -> list[list[int]]:
     return [mine[i:i + batch_size] for i in range(0, per_rank, batch_size)]
 
 
+def padded(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded input ids and their attention mask."""
+    ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
+    for j, s in enumerate(seqs):
+        ids[j, : len(s)] = torch.tensor(s)
+    ids = ids.to(device)
+    return ids, (ids != pad_id).long()
+
+
 @torch.no_grad()
 def generate(t5, tokenizer, rows, column: str, *, world: int, rank: int, device, batch_size: int,
              max_new_tokens: int, synced_gpus: bool = False) -> list[str]:
@@ -27,14 +37,9 @@ def generate(t5, tokenizer, rows, column: str, *, world: int, rank: int, device,
     t5.eval()
     mine = []
     for batch in shard(len(rows), world, rank, batch_size):
-        seqs = [rows[abs(i) - 1 if i < 0 else i][column] for i in batch]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-        for j, s in enumerate(seqs):
-            ids[j, : len(s)] = torch.tensor(s)
-        ids = ids.to(device)
-        out = t5.generate(input_ids=ids, attention_mask=(ids != tokenizer.pad_token_id).long(),
-                          max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, synced_gpus=synced_gpus)
+        ids, mask = padded([rows[abs(i) - 1 if i < 0 else i][column] for i in batch], tokenizer.pad_token_id, device)
+        out = t5.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                          num_beams=1, synced_gpus=synced_gpus)
         texts = tokenizer.batch_decode(out, skip_special_tokens=True)
         mine += [(i, t.strip()) for i, t in zip(batch, texts) if i >= 0]
     t5.train(was_training)
@@ -42,8 +47,66 @@ def generate(t5, tokenizer, rows, column: str, *, world: int, rank: int, device,
     return [text for _, text in sorted(everything)]
 
 
+@torch.no_grad()
+def sample(t5, tokenizer, seqs: list[list[int]], k: int, *, device, batch_size: int, max_new_tokens: int,
+           temperature: float = 1.0) -> list[list[str]]:
+    """``k`` sampled outputs (pure sampling at ``temperature``, no top-k/top-p cut) for every input."""
+    was_training = t5.training
+    t5.eval()
+    out = []
+    for start in range(0, len(seqs), batch_size):
+        ids, mask = padded(seqs[start:start + batch_size], tokenizer.pad_token_id, device)
+        generated = t5.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
+                                temperature=temperature, top_k=0, top_p=1.0, num_return_sequences=k)
+        texts = [t.strip() for t in tokenizer.batch_decode(generated, skip_special_tokens=True)]
+        out += [texts[j:j + k] for j in range(0, len(texts), k)]
+    t5.train(was_training)
+    return out
+
+
 def score(predictions: list[str], golds: list[str], kind: str) -> tuple[float, list[bool]]:
     """Accuracy and per-row correctness: safe arithmetic value match or exact text match."""
     match = metrics.equation_value_equal if kind == "equation" else metrics.exact_match
     correct = [bool(match(p, g)) for p, g in zip(predictions, golds)]
     return (sum(correct) / len(correct) if correct else 0.0), correct
+
+
+def evaluate_split(t5, tokenizer, table, rows, *, family: str, kind: str, model_type: str, device,
+                   batch_size: int = 64, gen_max_len: int = 64, rationale_max_len: int = 256, samples: int = 0,
+                   temperature: float = 1.0, seed: int = 0, max_input_length: int = 1024) -> tuple[dict, list[dict]]:
+    """Greedy answers (and rationales) for a split; with ``samples`` > 0 also the majority vote over
+    that many sampled answers and, where the model has the rationale task, the vote weighted by the
+    student's own verdicts (:mod:`mindmirror.selfeval`). Returns the accuracies and one record per row.
+    """
+    one = {"world": 1, "rank": 0, "device": device, "batch_size": batch_size}
+    has_rationale = "expl_input_ids" in table.column_names
+    golds = [r.label for r in rows]
+    greedy = generate(t5, tokenizer, table, "input_ids", max_new_tokens=gen_max_len, **one)
+    rationales = generate(t5, tokenizer, table, "expl_input_ids", max_new_tokens=rationale_max_len, **one) \
+        if has_rationale else [None] * len(rows)
+    accuracy, correct = score(greedy, golds, kind)
+    records = [{"input": r.input, "prediction": p, "rationale": e, "gold": r.label, "correct": ok}
+               for r, p, e, ok in zip(rows, greedy, rationales, correct)]
+    result = {"rows": len(rows), "accuracy": accuracy}
+    if samples > 0 and model_type != "task_prefix_tree2":  # votes pick answers, not verdicts
+        torch.manual_seed(seed)
+        sampling = {"device": device, "batch_size": max(1, batch_size // samples), "temperature": temperature}
+        answers = sample(t5, tokenizer, list(table["input_ids"]), samples, max_new_tokens=gen_max_len, **sampling)
+        majority = [selfeval.vote(a, kind) for a in answers]
+        result["majority_vote_accuracy"], majority_ok = score(majority, golds, kind)
+        for record, a, m, ok in zip(records, answers, majority, majority_ok):
+            record.update(samples=[{"answer": x} for x in a], majority_vote=m, majority_vote_correct=ok)
+        if has_rationale:
+            sampled = sample(t5, tokenizer, list(table["expl_input_ids"]), samples, max_new_tokens=rationale_max_len,
+                             **sampling)
+            cots = [selfeval.compose_cot(e, a, family) for es, as_ in zip(sampled, answers) for e, a in zip(es, as_)]
+            p = selfeval.verdict_probabilities(t5, tokenizer, cots, device=device, batch_size=batch_size,
+                                               max_input_length=max_input_length)
+            weights = [p[i:i + samples] for i in range(0, len(p), samples)]
+            chosen = [selfeval.vote(a, kind, w) for a, w in zip(answers, weights)]
+            result["self_eval_vote_accuracy"], chosen_ok = score(chosen, golds, kind)
+            for record, es, ws, c, ok in zip(records, sampled, weights, chosen, chosen_ok):
+                for s, e, w in zip(record["samples"], es, ws):
+                    s.update(rationale=e, p_correct=w)
+                record.update(self_eval_vote=c, self_eval_vote_correct=ok)
+    return result, records

@@ -107,8 +107,8 @@ def build_optimizer(cfg, model, ds_config):
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, **fused)
 
 
-def load_data(cfg: TrainConfig, tokenizer, accelerator=None):
-    """Task rows for every split and their tokenized tables (built once, on the main process first)."""
+def load_data(cfg: TrainConfig, tokenizer, accelerator=None, splits=("train", "valid", "test")):
+    """Task rows for every split and the tokenized tables of ``splits`` (built once, on the main process first)."""
     with_rationale = cfg.model_type != "standard"
     with accelerator.main_process_first() if accelerator else contextlib.nullcontext():
         rows, report = build_task_rows(cfg.dataset, cfg.data_dir or None, model_type=cfg.model_type,
@@ -120,7 +120,7 @@ def load_data(cfg: TrainConfig, tokenizer, accelerator=None):
         tables = {split: tokenize_rows(r, tokenizer, with_rationale=with_rationale,
                                        max_input_length=cfg.max_input_length,
                                        max_target_length=cfg.max_target_length, cache_dir=cfg.cache_dir or None)
-                  for split, r in rows.items()}
+                  for split, r in rows.items() if split in splits}
     return rows, tables, report
 
 
@@ -396,13 +396,26 @@ def train(cfg: TrainConfig) -> dict:
         "peak_mem_mb_before_model": mem_before_model,
         "nonfinite_steps": state["nonfinite_steps"], "parameters": n_params, "model": cfg.from_pretrained,
         "dataset": cfg.dataset, "model_type": cfg.model_type, "rows": {split: len(r) for split, r in rows.items()}, "skipped_records": len(report.skipped),
+        "experiment": cfg.experiment or f"{cfg.model_type} b{cfg.num_train_branches}", "run": cfg.run,
+        "num_train_branches": cfg.num_train_branches, "alpha": alpha, "label_type": cfg.label_type,
+        "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else "",
     }
+    # What each stage of a chain of runs cost (this one last), for mindmirror-report's totals.
+    summary["stages"] = earlier_stages(cfg.init_from) + [{k: summary[k] for k in ("experiment", "final_step", "wall_s")}]
     if is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         metrics_file.close()
         print_table(summary, out)
     accelerator.end_training()
     return summary
+
+
+def earlier_stages(init_from: str) -> list[dict]:
+    """The ``stages`` of the run whose export ``init_from`` names (``[]`` when it has no summary)."""
+    try:
+        return json.loads((Path(init_from).parent / "summary.json").read_text())["stages"] if init_from else []
+    except (OSError, ValueError, KeyError):
+        return []
 
 
 def ds_precision(ds_config: dict | None) -> str | None:

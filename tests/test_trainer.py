@@ -78,14 +78,36 @@ def test_accumulation_and_ddp_match_one_big_batch(baseline, tmp_path):
         assert_same_weights(baseline / "final", tmp_path / out / "final")
 
 
+def evaluated(model, tmp_path) -> list[dict]:
+    """mindmirror-eval's greedy predictions (answers and rationales) of an export or a checkpoint."""
+    from mindmirror.eval_cli import main
+
+    out = tmp_path / f"eval-{model.name}"
+    main([str(model), "--self_eval_samples", "0", "--rationale_max_len", "16", "--output_dir", str(out)])
+    return [json.loads(line) for line in (out / f"eval_{model.name}_test_predictions.jsonl").open()]
+
+
+def test_eval_reads_a_checkpoint_as_the_export_of_the_same_step(baseline, tmp_path, monkeypatch):
+    monkeypatch.setenv("MINDMIRROR_CACHE", str(tmp_path / "cache"))
+    from_export = evaluated(baseline / "final", tmp_path)
+    assert len(from_export) == json.loads((baseline / "summary.json").read_text())["rows"]["test"]
+    assert evaluated(baseline / "checkpoints" / "step_6", tmp_path) == from_export
+    result = json.loads((tmp_path / "eval-step_6" / "eval_step_6_test.json").read_text())
+    assert result["step"] == 6 and result["accuracy"] == sum(r["correct"] for r in from_export) / len(from_export)
+
+
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
-def test_deepspeed_zero_matches_ddp(baseline, tmp_path, deepspeed_json, stage):
+def test_deepspeed_zero_matches_ddp(baseline, tmp_path, deepspeed_json, stage, monkeypatch):
     proc = run_train(tmp_path, FAST + STEPS + ["--batch_size", "4", "--output_dir", "out"], nproc=2,
                      deepspeed_json=deepspeed_json(stage))
     assert train_losses(tmp_path / "out") == pytest.approx(train_losses(baseline), abs=TOL)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["zero_stage"] == int(stage[-1]) and summary["world_size"] == 2
     assert_same_weights(baseline / "final", tmp_path / "out" / "final")
+    # mindmirror-eval consolidates the checkpoint's ZeRO shards into the model the export holds.
+    monkeypatch.setenv("MINDMIRROR_CACHE", str(tmp_path / "cache"))
+    assert evaluated(tmp_path / "out" / "checkpoints" / "step_6", tmp_path) == \
+        evaluated(tmp_path / "out" / "final", tmp_path)
     if stage == "zero3":
         held = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines() if "ZeRO-3 holds" in line]
         assert len(held) == 2

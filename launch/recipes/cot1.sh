@@ -1,0 +1,5 @@
+#!/usr/bin/env bash
+# The paper's recipe "1 CoT (answer + rationale, 300 epochs)", for every seed of --runs:
+#   launch/recipes/cot1.sh --dataset svamp --model google/t5-v1_1-base --runs 0,1,2
+# Other flags as for launch/recipes/run.sh.
+exec "$(dirname "${BASH_SOURCE[0]}")/run.sh" --recipes cot1 "$@"
