@@ -19,13 +19,13 @@ def _run(command, argv) -> int:
 
 def train_main(argv: list[str] | None = None) -> int:
     """``mindmirror-train`` / ``train/main.py``: parse flags and train."""
-    def train(argv):
+    def parse_and_train(argv):
         from mindmirror.config import parse_args
         from mindmirror.loop import train
 
         train(parse_args(argv))
 
-    return _run(train, argv)
+    return _run(parse_and_train, argv)
 
 
 def eval_main(argv: list[str] | None = None) -> int:

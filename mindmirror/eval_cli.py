@@ -20,11 +20,11 @@ import sys
 import time
 from pathlib import Path
 
+from mindmirror.checkpoint import STATE_FILE, checkpoint_problem
 from mindmirror.config import TrainConfig
 from mindmirror.data.registry import DATASETS, MODEL_TYPES
 from mindmirror.model import ModelLoadError
 
-CHECKPOINT_STATE = "trainer_state.json"
 
 
 def run_config(run_dir: Path) -> dict:
@@ -37,20 +37,33 @@ def run_config(run_dir: Path) -> dict:
 
 
 def run_summary(run_dir: Path) -> dict:
+    """The run's summary.json (``{}`` while it is still training, or when there is none)."""
     try:
         return json.loads((run_dir / "summary.json").read_text())
     except (OSError, ValueError):
         return {}
 
 
+def learned_verdicts(run_dir: Path, depth: int = 8) -> bool:
+    """Whether the run, or a run it was initialised from, trained the self-evaluation task."""
+    config = run_config(run_dir)
+    if config.get("model_type") == "task_prefix_tree2":
+        return True
+    start = run_summary(run_dir).get("init_from") or config.get("init_from")
+    return bool(start) and depth > 0 and learned_verdicts(Path(start).parent, depth - 1)
+
+
 def locate(model: Path) -> tuple[str, Path]:
     """``("export" | "checkpoint", run folder)`` of ``model``, or a ModelLoadError saying what was expected."""
-    if (model / CHECKPOINT_STATE).is_file():
+    if (model / STATE_FILE).is_file():
+        problem = checkpoint_problem(model)
+        if problem:
+            raise ModelLoadError(f"{model} is not a complete checkpoint: {problem}")
         return "checkpoint", model.parent.parent
     if (model / "config.json").is_file():
         return "export", model.parent
     raise ModelLoadError(f"{model} is neither a Hugging Face export (config.json and weights, such as <run>/best) "
-                         f"nor a checkpoint (<run>/checkpoints/step_N with {CHECKPOINT_STATE})")
+                         f"nor a checkpoint (<run>/checkpoints/step_N with {STATE_FILE})")
 
 
 def checkpoint_state_dict(folder: Path) -> dict:
@@ -73,7 +86,7 @@ def checkpoint_state_dict(folder: Path) -> dict:
     return {k.removeprefix("t5."): v for k, v in state.items()}  # the trainer saves its objective wrapper
 
 
-def load(model: Path, kind: str, cfg: TrainConfig, device, bf16: bool, tokenizer_name: str = ""):
+def load(model: Path, kind: str, run: Path, cfg: TrainConfig, device, bf16: bool, tokenizer_name: str = ""):
     """(T5 model in eval mode on ``device``, tokenizer) from an export or a checkpoint; the tokenizer is
     ``tokenizer_name`` if given, else the export's own (for a checkpoint: the run's exports' or config's)."""
     import torch
@@ -88,7 +101,6 @@ def load(model: Path, kind: str, cfg: TrainConfig, device, bf16: bool, tokenizer
         except OSError as e:
             raise ModelLoadError(f"could not load {model}: {e}") from e
     else:
-        run = model.parent.parent
         exported = next((run / n for n in ("final", "best") if (run / n / "tokenizer_config.json").is_file()), None)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or exported) if tokenizer_name or exported else \
             load_tokenizer(cfg.tokenizer, cfg.from_pretrained, cfg.random_init)
@@ -104,6 +116,7 @@ def load(model: Path, kind: str, cfg: TrainConfig, device, bf16: bool, tokenizer
 
 
 def parse_args(argv=None):
+    """The command's flags."""
     p = argparse.ArgumentParser(prog="mindmirror-eval", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", help="an export (<run>/best, <run>/final, a T5 folder) or <run>/checkpoints/step_N")
@@ -132,33 +145,39 @@ def main(argv=None) -> dict:
     """Evaluate as the flags say; returns the result written to ``eval_<model>_<split>.json``."""
     import torch
 
-    from mindmirror.data.registry import DATASETS as specs
     from mindmirror.evaluate import evaluate_split
     from mindmirror.loop import load_data
 
     args = parse_args(argv)
-    model = Path(args.model)
+    model = Path(args.model).resolve()
     kind, run_dir = locate(model)
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in run_config(run_dir).items() if k in known}
+    if not values and not (args.dataset and args.model_type):
+        raise ValueError(f"{run_dir} holds no run config.json (this is not a mindmirror run's export): name what "
+                         "to evaluate with --dataset and --model_type")
     overrides = {"dataset": args.dataset, "model_type": args.model_type}
     values.update({k: v for k, v in overrides.items() if v})
     if args.data_dir is not None:
         values["data_dir"] = args.data_dir
-    if args.max_samples is None:  # the rows the run itself was tested (or validated) on
-        args.max_samples = values.get("max_eval_samples" if args.split == "valid" else "max_test_samples", 0)
+    if args.max_samples is None:  # the rows the run itself was tested (or validated) on; all of train
+        limit = {"valid": "max_eval_samples", "test": "max_test_samples"}.get(args.split)
+        args.max_samples = values.get(limit, 0) if limit else 0
     values.update(output_dir=str(run_dir), init_from="", continue_train=False, max_eval_samples=args.max_samples,
                   max_test_samples=args.max_samples)
     if kind == "checkpoint":  # the architecture comes from where the run started (summary.json: resolved)
         values["init_from"] = run_summary(run_dir).get("init_from") or run_config(run_dir).get("init_from", "")
+        if values["init_from"] and not Path(values["init_from"]).is_dir():
+            raise ModelLoadError(f"{run_dir / 'config.json'} says the run started from {values['init_from']}, which "
+                                 "is not a folder from here: run mindmirror-eval from the run's working directory")
     cfg = TrainConfig(**values).validate()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.time()
-    t5, tokenizer = load(model, kind, cfg, device, args.bf16, args.tokenizer)
+    t5, tokenizer = load(model, kind, run_dir, cfg, device, args.bf16, args.tokenizer)
     rows, tables, _ = load_data(cfg, tokenizer, splits=(args.split,))
     rows = rows[args.split][:args.max_samples] if args.max_samples else rows[args.split]
     table = tables[args.split].select(range(len(rows)))  # load_data limits valid and test, not train
-    spec = specs[cfg.dataset]
+    spec = DATASETS[cfg.dataset]
     result, records = evaluate_split(
         t5, tokenizer, table, rows, family=spec.family,
         kind="text" if cfg.model_type == "task_prefix_tree2" else spec.metric, model_type=cfg.model_type,
@@ -166,11 +185,13 @@ def main(argv=None) -> dict:
         rationale_max_len=args.rationale_max_len or cfg.max_target_length, samples=args.self_eval_samples,
         temperature=args.temperature, seed=args.seed, max_input_length=cfg.max_input_length)
     trained_step = None
-    for info in (model / "mindmirror.json", model / CHECKPOINT_STATE):
+    for info in (model / "mindmirror.json", model / STATE_FILE):
         if info.is_file():
             trained_step = json.loads(info.read_text()).get("step")
-    result = {"model": str(model), "step": trained_step, "split": args.split, "dataset": cfg.dataset,
-              "model_type": cfg.model_type, **result, "self_eval_samples": args.self_eval_samples,
+    voted = "majority_vote_accuracy" in result
+    result = {"model": args.model, "step": trained_step, "split": args.split, "dataset": cfg.dataset,
+              "model_type": cfg.model_type, **result, "self_eval_samples": args.self_eval_samples if voted else 0,
+              "judge_trained": learned_verdicts(run_dir),
               "temperature": args.temperature, "seed": args.seed, "wall_s": time.time() - t0}
     out = Path(args.output_dir) if args.output_dir else run_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -183,6 +204,7 @@ def main(argv=None) -> dict:
 
 
 def print_result(result: dict, path: Path) -> None:
+    """The accuracies side by side, as a small table."""
     k = result["self_eval_samples"]
     lines = [("model", f"{result['model']} (step {result['step']})"),
              ("split", f"{result['dataset']} {result['split']}, {result['rows']} rows"),
@@ -190,7 +212,8 @@ def print_result(result: dict, path: Path) -> None:
     if "majority_vote_accuracy" in result:
         lines.append((f"majority vote of {k} samples", f"{result['majority_vote_accuracy']:.3f}"))
     if "self_eval_vote_accuracy" in result:
-        lines.append(("self-evaluation-weighted vote", f"{result['self_eval_vote_accuracy']:.3f}"))
+        lines.append(("self-evaluation-weighted vote", f"{result['self_eval_vote_accuracy']:.3f}" +
+                      ("" if result["judge_trained"] else " (a judge never trained on verdicts: a control)")))
     lines.append(("written", str(path)))
     width = max(len(name) for name, _ in lines)
     print("\n" + "\n".join(f"  {name.ljust(width)}  {value}" for name, value in lines) + "\n", flush=True)

@@ -401,7 +401,7 @@ def train(cfg: TrainConfig) -> dict:
         "init_from": str(Path(cfg.init_from).resolve()) if cfg.init_from else "",
     }
     # What each stage of a chain of runs cost (this one last), for mindmirror-report's totals.
-    summary["stages"] = earlier_stages(cfg.init_from) + [{k: summary[k] for k in ("experiment", "final_step", "wall_s")}]
+    summary["stages"] = earlier_stages(cfg.init_from) + [stage_cost(summary)]
     if is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
         metrics_file.close()
@@ -410,12 +410,18 @@ def train(cfg: TrainConfig) -> dict:
     return summary
 
 
+def stage_cost(summary: dict) -> dict:
+    return {"experiment": summary.get("experiment", summary.get("model_type")), "final_step": summary["final_step"],
+            "wall_s": summary["wall_s"]}
+
+
 def earlier_stages(init_from: str) -> list[dict]:
     """The ``stages`` of the run whose export ``init_from`` names (``[]`` when it has no summary)."""
     try:
-        return json.loads((Path(init_from).parent / "summary.json").read_text())["stages"] if init_from else []
-    except (OSError, ValueError, KeyError):
+        previous = json.loads((Path(init_from).parent / "summary.json").read_text()) if init_from else None
+    except (OSError, ValueError):
         return []
+    return [] if previous is None else previous.get("stages") or [stage_cost(previous)]
 
 
 def ds_precision(ds_config: dict | None) -> str | None:

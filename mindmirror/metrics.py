@@ -151,14 +151,15 @@ def equation_value_equal(pred: str, gold: str, tol: float = 1e-4) -> bool:
     return math.isclose(pred_value, gold_value, rel_tol=tol, abs_tol=tol)
 
 
-def _normalize(text: str) -> str:
+def normalize_text(text: str) -> str:
+    """Lower case, surrounding whitespace dropped, internal runs of whitespace folded to one space."""
     return " ".join(text.split()).lower()
 
 
 def exact_match(pred: str, gold: str) -> bool:
     """Compare answers (CQA choices, ANLI labels, verdicts) ignoring case, surrounding
     whitespace and runs of internal whitespace."""
-    return _normalize(pred) == _normalize(gold)
+    return normalize_text(pred) == normalize_text(gold)
 
 
 def accuracy(preds: Sequence[str], golds: Sequence[str], kind: str) -> float:

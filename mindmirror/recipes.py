@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mindmirror.data.formats import FAMILIES
 from mindmirror.scaling import TRAIN_SCRIPT, failure_reason, free_port
 
 
@@ -59,10 +60,10 @@ RECIPES = {r.name: r for r in (
     Recipe("cot5", "5 CoTs", (Stage("task_prefix_tree1", 5, 60),)),
     Recipe("cot5_se", "5 CoTs + SE", (Stage("task_prefix_tree2", 5, 50), Stage("task_prefix_tree1", 5, 80))),
 )}
-FAMILIES = ("svamp", "cqa", "anli1")
 
 
 def run_dir(args, recipe: Recipe, seed: int) -> Path:
+    """Where one recipe's run for one seed keeps its stages."""
     return Path(args.output_dir) / args.dataset / Path(args.model).name / recipe.name / f"s{seed}"
 
 
@@ -79,7 +80,7 @@ def stage_command(args, recipe: Recipe, i: int, seed: int) -> list[str]:
              "--label_type", args.label_type, "--experiment", recipe.name if i == len(recipe.stages) - 1
              else f"{recipe.name}/stage{i + 1}", "--output_dir", str(root / f"stage{i + 1}"), "--resume"]
     if i > 0:
-        previous = root / f"stage{i}" / "best"
+        previous = (root / f"stage{i}" / "best").resolve()  # valid from any working directory
         flags += ["--init_from", str(previous), "--tokenizer", str(previous)]
     return flags + args.train_args
 
@@ -124,6 +125,7 @@ def evaluate_final(args, recipe: Recipe, seed: int) -> None:
 
 
 def parse_args(argv=None):
+    """The runner's flags; those after ``--`` go to every stage."""
     def csv_list(kind):
         return lambda text: [kind(x) for x in text.split(",") if x.strip()]
 
@@ -163,6 +165,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
+    """Run every stage of every (recipe, seed) not yet done, then evaluate; 1 if any failed."""
     args = parse_args(argv)
     jobs = [(RECIPES[name], seed) for seed in args.runs for name in args.recipes]
     if args.dry_run:

@@ -39,7 +39,8 @@ def collect(roots: list[Path]) -> list[dict]:
     fed = {Path(s["init_from"]).parent for s in summaries.values() if s.get("init_from")}
     runs = []
     for folder, s in summaries.items():
-        if folder in fed or s.get("test_accuracy") is None:
+        # A stage 1 feeds the row of its chain; its own "test accuracy" is a verdict accuracy.
+        if folder in fed or s.get("test_accuracy") is None or "/stage" in str(s.get("experiment", "")):
             continue
         stages = s.get("stages") or [{"final_step": s["final_step"], "wall_s": s["wall_s"]}]
         record = {"folder": str(folder), "experiment": s.get("experiment") or s.get("model_type", "?"),
@@ -47,20 +48,27 @@ def collect(roots: list[Path]) -> list[dict]:
                   "test_accuracy": s["test_accuracy"], "best_valid_accuracy": s.get("best_valid_accuracy"),
                   "steps": sum(st["final_step"] for st in stages), "wall_s": sum(st["wall_s"] for st in stages),
                   "stages": len(stages)}
-        if (folder / EVAL_FILE).is_file():
-            votes = json.loads((folder / EVAL_FILE).read_text())
-            record.update({k: votes[k] for k in ("majority_vote_accuracy", "self_eval_vote_accuracy") if k in votes})
+        try:
+            votes = json.loads((folder / EVAL_FILE).read_text()) if (folder / EVAL_FILE).is_file() else {}
+        except (OSError, ValueError) as e:
+            print(f"mindmirror-report: ignoring {folder / EVAL_FILE}: {e}", file=sys.stderr)
+            votes = {}
+        record.update({k: votes[k] for k in ("majority_vote_accuracy", "self_eval_vote_accuracy") if k in votes})
+        if votes:
             record["self_eval_samples"] = votes.get("self_eval_samples")
+            record["judge_trained"] = votes.get("judge_trained", True)
         runs.append(record)
     return runs
 
 
 def order(experiment: str) -> tuple:
+    """Sort key: the recipes in the paper's order, then other labels alphabetically."""
     names = list(RECIPES)
     return (names.index(experiment), "") if experiment in names else (len(names), experiment)
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
+    """Mean and sample standard deviation (``None`` where undefined)."""
     if not values:
         return None, None
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
@@ -78,11 +86,13 @@ def summarise(runs: list[dict]) -> list[dict]:
                "runs": ",".join(str(m["run"]) for m in sorted(members, key=lambda m: str(m["run"])))}
         for key in [k for k, _ in METRICS] + ["steps", "wall_s"]:
             row[f"{key}_mean"], row[f"{key}_std"] = mean_std([m[key] for m in members if m.get(key) is not None])
+        row["judge_trained"] = all(m.get("judge_trained", True) for m in members)
         rows.append(row)
     return rows
 
 
 def cell(row: dict, key: str, fmt: str = "{:.3f}") -> str:
+    """``mean ± sd`` of a group's figure, ``-`` where no run has it."""
     mean, std = row[f"{key}_mean"], row[f"{key}_std"]
     if mean is None:
         return "-"
@@ -90,16 +100,23 @@ def cell(row: dict, key: str, fmt: str = "{:.3f}") -> str:
 
 
 def markdown(rows: list[dict]) -> str:
+    """The results table."""
     header = ["recipe", "model", "dataset", "seeds", *(label for _, label in METRICS), "steps", "wall time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         lines.append("| " + " | ".join([r["title"], r["model"], r["dataset"], str(r["seeds"]),
-                                        *(cell(r, k) for k, _ in METRICS), cell(r, "steps", "{:.0f}"),
+                                        cell(r, METRICS[0][0]), cell(r, METRICS[1][0]),
+                                        cell(r, METRICS[2][0]) + ("" if r["judge_trained"] or
+                                                                  r[f"{METRICS[2][0]}_mean"] is None else " †"),
+                                        cell(r, "steps", "{:.0f}"),
                                         cell(r, "wall_s", "{:.0f}")]) + " |")
+    if any(not r["judge_trained"] and r[f"{METRICS[2][0]}_mean"] is not None for r in rows):
+        lines += ["", "† the judge never trained on verdicts (no self-evaluation stage): a control, not the method"]
     return "\n".join(lines) + "\n"
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Bars of the three accuracies per group, with the seeds' standard deviation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,6 +141,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def write(rows: list[dict], runs: list[dict], out: Path) -> None:
+    """results.md, results.csv, runs.csv and results.png in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(markdown(rows))
     for name, records in (("results.csv", rows), ("runs.csv", runs)):
@@ -136,6 +154,7 @@ def write(rows: list[dict], runs: list[dict], out: Path) -> None:
 
 
 def main(argv=None) -> int:
+    """Collect, group, write and print the table."""
     p = argparse.ArgumentParser(prog="mindmirror-report", description=__doc__.split("\n\n")[0])
     p.add_argument("roots", nargs="+", help="folders searched for summary.json (e.g. runs/recipes)")
     p.add_argument("--output_dir", default="", help="where the table and chart go (default: the first folder)")

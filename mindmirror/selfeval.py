@@ -19,6 +19,7 @@ from typing import Sequence
 
 from mindmirror import metrics
 from mindmirror.data.formats import VERDICTS
+from mindmirror.data.tokenize import PREDICT
 
 CORRECT = "correct"
 
@@ -65,7 +66,7 @@ def answer_key(answer: str, kind: str) -> tuple:
             return ("value", float(f"{metrics.safe_eval(metrics.extract_equation(answer)):.6g}"))
         except metrics.InvalidExpression:
             pass
-    return ("text", " ".join(answer.split()).lower())
+    return ("text", metrics.normalize_text(answer))
 
 
 def vote(answers: Sequence[str], kind: str, weights: Sequence[float] | None = None) -> str | None:
@@ -89,7 +90,7 @@ def vote(answers: Sequence[str], kind: str, weights: Sequence[float] | None = No
 
 
 def verdict_probabilities(t5, tokenizer, cots: Sequence[str], *, device, batch_size: int = 32,
-                          max_input_length: int = 1024, prefix: str = "predict: "):
+                          max_input_length: int = 1024, prefix: str = PREDICT):
     """For each CoT, the probability of ``correct`` among the three verdicts, as the student judges it.
 
     Each verdict's probability is the product of its target tokens' probabilities (end-of-sequence

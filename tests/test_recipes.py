@@ -48,7 +48,7 @@ def test_dry_run_chains_the_stages_and_scales_the_epochs(capsys):
         assert f["--from_pretrained"] == "google/t5-v1_1-large"
     for recipe in ("cot1_se", "cot5_se"):
         stage2 = by_output[f"{recipe}/s3/stage2"]
-        assert stage2["--init_from"] == str(Path("out/svamp/t5-v1_1-large") / recipe / "s3" / "stage1" / "best")
+        assert stage2["--init_from"] == str((Path("out/svamp/t5-v1_1-large") / recipe / "s3" / "stage1" / "best").resolve())
         assert stage2["--experiment"] == recipe and by_output[f"{recipe}/s3/stage1"]["--experiment"] == f"{recipe}/stage1"
     assert "--init_from" not in by_output["cot5/s3/stage1"]
     assert all(f["--resume"] is True for f in flags)  # a stopped stage continues
@@ -85,13 +85,17 @@ def test_report_averages_seeds_and_folds_stage_one_into_the_run_it_fed(tmp_path,
     write_run(root / "se" / "s0" / "stage2", "cot1_se", 0, 0.3, [(4, 2.0), (20, 9.0)],
               init_from=str(root / "se" / "s0" / "stage1" / "best"))
     write_run(root / "by_hand", "standard b1", 0, 0.1, [(3, 1.0)], model_type="standard")  # as the trainer labels it
+    write_run(root / "cot5" / "s0", "cot5", 0, 0.25, [(8, 4.0)],
+              votes={"majority_vote_accuracy": 0.2, "self_eval_vote_accuracy": 0.3, "judge_trained": False})
+    # A stage 1 whose stage 2 has not finished yet is no row of its own.
+    write_run(root / "se5" / "s0" / "stage1", "cot5_se/stage1", 0, 0.8, [(4, 2.0)], model_type="task_prefix_tree2")
     (root / "broken").mkdir()
     (root / "broken" / "summary.json").write_text("{not json")
     assert report.main([str(root), "--output_dir", str(tmp_path / "table")]) == 0
 
     rows = list(csv.DictReader(open(tmp_path / "table" / "results.csv")))
-    assert [r["experiment"] for r in rows] == ["cot1", "cot1_se", "standard b1"]  # recipe order, then the rest
-    cot1, se, hand = rows
+    assert [r["experiment"] for r in rows] == ["cot1", "cot1_se", "cot5", "standard b1"]  # recipe order, then the rest
+    cot1, se, cot5, hand = rows
     assert cot1["seeds"] == "2" and float(cot1["test_accuracy_mean"]) == pytest.approx(0.3)
     assert float(cot1["test_accuracy_std"]) == pytest.approx(0.1414, abs=1e-4)  # sample standard deviation
     assert float(cot1["majority_vote_accuracy_mean"]) == 0.5 and cot1["majority_vote_accuracy_std"] == ""
@@ -99,10 +103,12 @@ def test_report_averages_seeds_and_folds_stage_one_into_the_run_it_fed(tmp_path,
     assert se["seeds"] == "1" and float(se["test_accuracy_mean"]) == 0.3  # not stage 1's 0.9
     assert float(se["steps_mean"]) == 24 and float(se["wall_s_mean"]) == 11  # both stages
     assert hand["seeds"] == "1" and hand["title"] == "standard b1"
-    assert len(list(csv.DictReader(open(tmp_path / "table" / "runs.csv")))) == 4
+    assert len(list(csv.DictReader(open(tmp_path / "table" / "runs.csv")))) == 5
     table = (tmp_path / "table" / "results.md").read_text()
     assert "| 1 CoT | tiny | svamp_tree1 | 2 | 0.300 ± 0.141 | 0.500 | 0.600 | 11 ± 1 | 6 ± 1 |" in table
     assert "| 1 CoT + SE | tiny | svamp_tree1 | 1 | 0.300 | - | - | 24 | 11 |" in table
+    assert "| 5 CoTs | tiny | svamp_tree1 | 1 | 0.250 | 0.200 | 0.300 † | 8 | 4 |" in table  # an untrained judge
+    assert "† the judge never trained on verdicts" in table
     assert (tmp_path / "table" / "results.png").read_bytes()[:4] == b"\x89PNG"
     assert "skipping" in capsys.readouterr().err
 
@@ -136,7 +142,7 @@ def test_two_recipes_end_to_end_make_the_table(tmp_path, monkeypatch, capsys):
         ("task_prefix_tree2", "svamp_tree2", 5)
     assert (config2["model_type"], config2["dataset"], config2["num_train_branches"]) == \
         ("task_prefix_tree1", "svamp_tree1", 1)
-    assert config2["init_from"] == str(stage1 / "best") and (stage1 / "best" / "model.safetensors").is_file()
+    assert config2["init_from"] == str((stage1 / "best").resolve()) and (stage1 / "best" / "model.safetensors").is_file()
     summary1, summary2 = (json.loads((s / "summary.json").read_text()) for s in (stage1, stage2))
     assert summary2["init_from"] == str((stage1 / "best").resolve())
     assert [s["final_step"] for s in summary2["stages"]] == [summary1["final_step"], summary2["final_step"]]

@@ -141,3 +141,30 @@ def test_evaluate_split_records_are_the_models_own_generations(tiny, tmp_path):
                               model_type="task_prefix_tree1", device="cpu", batch_size=4, gen_max_len=10,
                               rationale_max_len=12, samples=k, temperature=1.0, seed=0)
     assert again == records
+
+
+@pytest.mark.parametrize("model_type, dataset, samples, expected_keys", [
+    ("standard", "svamp_tree1", 2, {"rows", "accuracy", "majority_vote_accuracy"}),  # no rationale: no judge
+    ("task_prefix_tree2", "svamp_tree2", 2, {"rows", "accuracy"}),  # verdicts are what it answers: no votes
+    ("task_prefix_tree1", "svamp_tree1", 0, {"rows", "accuracy"}),  # greedy only
+])
+def test_evaluate_split_votes_only_where_they_mean_something(tiny, tmp_path, model_type, dataset, samples,
+                                                             expected_keys):
+    from mindmirror.data.registry import build_task_rows
+    from mindmirror.data.tokenize import tokenize_rows
+    from mindmirror.evaluate import evaluate_split
+
+    t5, tokenizer = tiny
+    rows, _ = build_task_rows(dataset, model_type=model_type, subsample=0.01)
+    rows = rows["test"][:3]
+    table = tokenize_rows(rows, tokenizer, with_rationale=model_type != "standard", max_input_length=256,
+                          cache_dir=tmp_path)
+    result, records = evaluate_split(t5, tokenizer, table, rows, family="svamp",
+                                     kind="text" if model_type == "task_prefix_tree2" else "equation",
+                                     model_type=model_type, device="cpu", batch_size=4, gen_max_len=6,
+                                     rationale_max_len=6, samples=samples)
+    assert set(result) == expected_keys and len(records) == 3
+    assert all(("samples" in r) == ("majority_vote_accuracy" in result) for r in records)
+    assert all((r["rationale"] is None) == (model_type == "standard") for r in records)
+    if "majority_vote_accuracy" in result:
+        assert all("p_correct" not in s for r in records for s in r["samples"])

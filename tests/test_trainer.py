@@ -87,13 +87,32 @@ def evaluated(model, tmp_path) -> list[dict]:
     return [json.loads(line) for line in (out / f"eval_{model.name}_test_predictions.jsonl").open()]
 
 
+def loaded_weights(model):
+    """The weights mindmirror-eval loads from an export or a checkpoint."""
+    from mindmirror import eval_cli
+    from mindmirror.config import TrainConfig
+
+    kind, run = eval_cli.locate(model)
+    config = TrainConfig(**{k: v for k, v in eval_cli.run_config(run).items() if k != "output_dir"})
+    t5, _ = eval_cli.load(model, kind, run, config, "cpu", bf16=False)
+    return t5.state_dict()
+
+
+def assert_same_loaded_weights(a, b):
+    wa, wb = loaded_weights(a), loaded_weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
 def test_eval_reads_a_checkpoint_as_the_export_of_the_same_step(baseline, tmp_path, monkeypatch):
     monkeypatch.setenv("MINDMIRROR_CACHE", str(tmp_path / "cache"))
+    assert_same_loaded_weights(baseline / "checkpoints" / "step_6", baseline / "final")
     from_export = evaluated(baseline / "final", tmp_path)
     assert len(from_export) == json.loads((baseline / "summary.json").read_text())["rows"]["test"]
     assert evaluated(baseline / "checkpoints" / "step_6", tmp_path) == from_export
     result = json.loads((tmp_path / "eval-step_6" / "eval_step_6_test.json").read_text())
-    assert result["step"] == 6 and result["accuracy"] == sum(r["correct"] for r in from_export) / len(from_export)
+    assert result["step"] == 6 and result["self_eval_samples"] == 0 and result["judge_trained"] is False
 
 
 @pytest.mark.parametrize("stage", ["zero2", "zero3"])
@@ -106,6 +125,8 @@ def test_deepspeed_zero_matches_ddp(baseline, tmp_path, deepspeed_json, stage, m
     assert_same_weights(baseline / "final", tmp_path / "out" / "final")
     # mindmirror-eval consolidates the checkpoint's ZeRO shards into the model the export holds.
     monkeypatch.setenv("MINDMIRROR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # where the run was started (its config names relative folders)
+    assert_same_loaded_weights(tmp_path / "out" / "checkpoints" / "step_6", tmp_path / "out" / "final")
     assert evaluated(tmp_path / "out" / "checkpoints" / "step_6", tmp_path) == \
         evaluated(tmp_path / "out" / "final", tmp_path)
     if stage == "zero3":
