@@ -26,7 +26,6 @@ from mindmirror.data.registry import DATASETS, MODEL_TYPES
 from mindmirror.model import ModelLoadError
 
 
-
 def run_config(run_dir: Path) -> dict:
     """The training config saved in a run folder (``{}`` when there is none)."""
     try:

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mindmirror.data.formats import FAMILIES
-from mindmirror.scaling import TRAIN_SCRIPT, failure_reason, free_port
+from mindmirror.scaling import TRAIN_SCRIPT, failure_reason, local_launch
 
 
 @dataclass(frozen=True)
@@ -87,16 +87,13 @@ def stage_command(args, recipe: Recipe, i: int, seed: int) -> list[str]:
 
 def launcher(args) -> tuple[list[str], dict]:
     """``accelerate launch`` with the user's config, or one process (bf16 on GPU, fp32 on CPU)."""
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch"]
     if args.config_file:  # its port too: every node of a multi-node config must agree on it
-        return cmd + ["--config_file", args.config_file], env
-    env.pop("ACCELERATE_USE_CPU", None)
+        env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", args.config_file], env
     import torch
 
-    precision = "bf16" if torch.cuda.is_available() else "no"
-    return cmd + ["--main_process_port", str(free_port()), "--num_machines", "1", "--num_processes", "1",
-                  "--dynamo_backend", "no", "--mixed_precision", precision], env
+    cmd, env = local_launch(1)
+    return cmd + ["--mixed_precision", "bf16" if torch.cuda.is_available() else "no"], env
 
 
 def run_stage(args, recipe: Recipe, i: int, seed: int) -> str | None:

@@ -143,11 +143,18 @@ def deepspeed_json(p: Point, folder: Path) -> Path:
     return path
 
 
-def command(p: Point, args, out: Path) -> tuple[list[str], dict]:
+def local_launch(num_processes: int) -> tuple[list[str], dict]:
+    """The head of an ``accelerate launch`` on this machine (a free port) and its environment, in which
+    the caller decides whether ``ACCELERATE_USE_CPU`` is set."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
     env.pop("ACCELERATE_USE_CPU", None)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--main_process_port",
-           str(free_port()), "--dynamo_backend", "no", "--num_processes", str(p.world_size)]
+           str(free_port()), "--dynamo_backend", "no", "--num_processes", str(num_processes)]
+    return cmd, env
+
+
+def command(p: Point, args, out: Path) -> tuple[list[str], dict]:
+    cmd, env = local_launch(p.world_size)
     if p.stage > 0 or p.offload:
         cmd += ["--use_deepspeed", "--deepspeed_config_file", str(deepspeed_json(p, out)), "--zero3_init_flag",
                 "true" if p.stage == 3 else "false"]
