@@ -12,7 +12,16 @@
 #   GPUS_PER_NODE  processes per node (default: the GPUs nvidia-smi lists, else 1)
 #   ACCELERATE_CONFIG_FILE  an Accelerate config such as launch/zero3.yaml (default: plain DDP);
 #                  its machine and process counts are overridden by the values above
+#   MINDMIRROR_SHUTDOWN_TIMEOUT  seconds the trainers get to checkpoint after a stop signal before the
+#                  torchrun agent SIGKILLs them (default 270; exported as TORCH_ELASTIC_SHUTDOWN_TIMEOUT,
+#                  whose default of 30 s is too short to save a large ZeRO checkpoint)
+#   TORCH_NCCL_ASYNC_ERROR_HANDLING (default 1), NCCL_DEBUG (default WARN)  see below
 # Every argument goes to train/main.py unchanged.
+#
+# Stopping: the trainer takes SIGTERM or SIGUSR1 as "finish this optimizer step, save a checkpoint and
+# exit with code 75". Send the signal to every process of the run (a Slurm step, as the templates in
+# launch/slurm/ do, or the process group: `kill -TERM -- -PGID`), not to this script's process alone:
+# that process becomes the launcher, which ignores both (see the end of this script).
 set -euo pipefail
 
 : "${NODE_RANK:?set NODE_RANK (0 .. NNODES-1)}"
@@ -24,6 +33,16 @@ if [ -z "${GPUS_PER_NODE:-}" ]; then
   [ "$GPUS_PER_NODE" -gt 0 ] || GPUS_PER_NODE=1
 fi
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+MINDMIRROR_SHUTDOWN_TIMEOUT=${MINDMIRROR_SHUTDOWN_TIMEOUT:-270}
+if ! [[ $MINDMIRROR_SHUTDOWN_TIMEOUT =~ ^[0-9]+$ ]]; then
+  echo "multinode: MINDMIRROR_SHUTDOWN_TIMEOUT must be whole seconds, got '$MINDMIRROR_SHUTDOWN_TIMEOUT'" >&2
+  exit 2
+fi
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$MINDMIRROR_SHUTDOWN_TIMEOUT
+# A collective that fails or times out on one rank ends the run with an error instead of hanging every
+# rank until the job's time limit (torchrun sets the same default for its workers), and NCCL says why.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
 
 launch=(--num_machines "$NNODES" --machine_rank "$NODE_RANK" --main_process_ip "$MASTER_ADDR"
         --main_process_port "$MASTER_PORT" --num_processes $((NNODES * GPUS_PER_NODE)) --same_network
@@ -36,5 +55,12 @@ else  # a single process: Accelerate refuses --multi_gpu and the multi-machine f
   launch=(--num_processes 1 --num_machines 1 --dynamo_backend no)
 fi
 
-echo "multinode: node $NODE_RANK of $NNODES, $GPUS_PER_NODE processes here, main $MASTER_ADDR:$MASTER_PORT" >&2
+echo "multinode: node $NODE_RANK of $NNODES, $GPUS_PER_NODE processes here, main $MASTER_ADDR:$MASTER_PORT," \
+     "shutdown timeout ${MINDMIRROR_SHUTDOWN_TIMEOUT} s" >&2
+# Accelerate's one-process launcher neither forwards SIGTERM/SIGUSR1 nor survives them, and the torchrun
+# agent dies on SIGUSR1: a launcher that exits ends the run (a Slurm step, the job) while its trainer is
+# still saving. Ignored signals stay ignored across exec, so the launcher ignores both; the trainer
+# installs its own handlers as it starts (a signal in its first seconds, before that, is lost), and the
+# torchrun agent its own for SIGTERM, which it forwards to the trainers.
+trap '' TERM USR1
 exec accelerate launch "${launch[@]}" "$repo/train/main.py" "$@"

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from mindmirror.collate import grouping_lengths, step_batches
+from mindmirror.data.loader import token_lengths
 
 WORKER_FLAG = "--_worker"
 
@@ -55,9 +56,8 @@ def common_trainer_args(args) -> list[str]:
 
 def padding_fractions(table, global_batch: int, seed: int) -> dict[str, float]:
     """Fraction of padded positions over one epoch, random batches vs length-grouped batches."""
-    columns = [c for c in ("input_ids", "labels", "expl_input_ids", "rationale_ids") if c in table.column_names]
-    lens = {col: np.array([len(x) for x in table[col]]) for col in columns}
-    grouping_key = grouping_lengths(table.select_columns(columns).to_list())  # the loop's key
+    lens = token_lengths(table)
+    grouping_key = grouping_lengths(lens)  # the loop's key
     out = {}
     for grouped in (False, True):
         padded = real = 0
@@ -177,7 +177,8 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subsample", type=float, default=1.0, help="fraction of the training rows loaded")
     p.add_argument("--vocab_size", type=int, default=32128,
-                   help="embedding rows of a built model (32128: the published t5-v1_1 architecture; 0: the tokenizer's)")
+                   help="embedding rows of a built model (32128: the published t5-v1_1 architecture; "
+                        "0: the tokenizer's)")
     p.add_argument("--max_input_length", type=int, default=1024)
     p.add_argument("--max_target_length", type=int, default=256)
     p.add_argument("--bf16", action="store_true", help="bf16 mixed precision on both sides")
@@ -253,12 +254,12 @@ def train_table(args):
     from transformers import HfArgumentParser
 
     from mindmirror.config import TrainConfig
-    from mindmirror.loop import load_data
+    from mindmirror.data.loader import load_data
     from mindmirror.model import load_tokenizer
 
     (cfg,) = HfArgumentParser(TrainConfig).parse_args_into_dataclasses(common_trainer_args(args))
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.from_pretrained, cfg.random_init)
-    return cfg, tokenizer, load_data(cfg, tokenizer)[1]["train"]
+    return cfg, tokenizer, load_data(cfg, tokenizer, splits=("train",))[0]["train"]
 
 
 if __name__ == "__main__":

@@ -1,11 +1,19 @@
-"""Resumable checkpoints (written atomically) and Hugging Face exports.
+"""Resumable checkpoints (written atomically), resume decided by all ranks together, and Hugging Face exports.
 
 A checkpoint ``checkpoints/step_N/`` holds Accelerate's ``save_state`` (model, optimizer,
 scheduler, RNG states of every rank; DeepSpeed shards under ZeRO) plus ``trainer_state.json``
-(step, epoch, position in the epoch, best accuracy) and ``manifest.json`` (every file and its
-size), written last. It is written under ``.tmp-step_N`` and renamed when complete, so a crash
-never leaves a half-written ``step_N``; a checkpoint whose manifest is missing or does not match
-its files is skipped on resume, with a warning, in favour of the previous one.
+(step, epoch, position in the epoch, best accuracy, and the layout that wrote it: processes, ZeRO
+stage, precision) and ``manifest.json`` (every file and its size), written last. It is written under
+``.tmp-step_N`` and renamed when complete, so a crash never leaves a half-written ``step_N``.
+
+On resume (:func:`resume`) the ranks agree on one checkpoint: newest first, a checkpoint every rank
+sees complete (its manifest matches) is loaded by every rank, and only if every rank succeeded is it
+taken; otherwise all ranks move to the previous one together. A checkpoint written in another layout
+is loaded through :mod:`mindmirror.elastic`. When checkpoints exist and none loads, the run stops
+(:class:`ResumeError`) instead of training from scratch over them; a run without ``--resume`` stops
+too when its output folder holds an earlier run's checkpoints or ``best/`` (:func:`refuse_to_overwrite`).
+So pruning old checkpoints and replacing ``best/`` only ever happen in a run that resumed or started
+on an empty folder.
 """
 
 from __future__ import annotations
@@ -15,10 +23,20 @@ import logging
 import os
 import re
 import shutil
+import time
 from pathlib import Path
+
+from mindmirror import elastic
 
 log = logging.getLogger(__name__)
 STATE_FILE, MANIFEST = "trainer_state.json", "manifest.json"
+# Fault injection for tests: the last rank fails to load checkpoint step_<this> (after loading it, so
+# the other ranks' collectives inside the load still pair up).
+FAULT_LOAD_STEP = "MINDMIRROR_FAULT_LOAD_STEP"
+
+
+class ResumeError(ValueError):
+    """--resume found checkpoints and could load none of them (the command line prints it as one line)."""
 
 
 def _files(folder: Path) -> dict[str, int]:
@@ -26,8 +44,10 @@ def _files(folder: Path) -> dict[str, int]:
             if p.is_file() and p.name != MANIFEST}
 
 
-def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int) -> Path:
-    """Save a resumable checkpoint of every rank's state at ``root/step_<step>``; keep the newest ``keep``."""
+def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int, layout: elastic.Layout) -> Path:
+    """Save a resumable checkpoint of every rank's state at ``root/step_<step>``; keep the newest ``keep``.
+
+    ``layout`` (how this run is laid out) is recorded, so a resume in another layout knows what it reads."""
     final, tmp = root / f"step_{step}", root / f".tmp-step_{step}"
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -36,7 +56,7 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int) 
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2))
+        (tmp / STATE_FILE).write_text(json.dumps({**state, "layout": layout.record()}, indent=2))
         (tmp / MANIFEST).write_text(json.dumps(_files(tmp), indent=2))
         for f in (tmp / STATE_FILE, tmp / MANIFEST):
             with open(f, "rb") as fh:
@@ -71,27 +91,138 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
-def load_latest_checkpoint(accelerator, root: Path) -> dict | None:
-    """Load the newest usable checkpoint into the prepared objects; returns its trainer state.
+def _gather(accelerator, obj) -> list:
+    """Every rank's ``obj`` (picklable), in rank order."""
+    from accelerate.utils import gather_object
 
-    Checkpoints that fail the manifest check or fail to load are skipped with a warning.
+    return gather_object([obj])
+
+
+def _disagreement(answers: list[str | None]) -> str | None:
+    """One line naming the ranks whose answer is a problem, each problem once (``None``: no rank has one)."""
+    ranks: dict[str, list[int]] = {}
+    for rank, answer in enumerate(answers):
+        if answer:
+            ranks.setdefault(answer, []).append(rank)
+    if not ranks:
+        return None
+    if list(ranks.values()) == [list(range(len(answers)))]:  # one process, or every rank alike
+        return next(iter(ranks))
+    return "; ".join(f"rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}: {a}" for a, r in ranks.items())
+
+
+def _one_line(error: Exception, limit: int = 400) -> str:
+    """An exception as one short line (torch and DeepSpeed messages can span many)."""
+    text = " ".join(f"{type(error).__name__}: {error}".split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _load_one(folder: Path, layout: elastic.Layout, accelerator, objects: dict) -> dict:
+    """Load ``folder`` into this rank's prepared objects (natively or elastically); its trainer state."""
+    state = json.loads((folder / STATE_FILE).read_text())
+    recorded = elastic.Layout.from_record(state.pop("layout", None))
+    saved = recorded or elastic.infer_layout(folder)
+    if layout.loads_natively(saved):
+        accelerator.load_state(str(folder))
+    else:
+        elastic.load(folder, saved, layout, accelerator, trainer_state=state, **objects)
+    if os.environ.get(FAULT_LOAD_STEP) == folder.name.split("_")[1] \
+            and accelerator.process_index == accelerator.num_processes - 1:
+        raise RuntimeError(f"injected fault ({FAULT_LOAD_STEP})")
+    return state
+
+
+def _cannot_resume(root: Path, newest: Path, problem: str, layout: elastic.Layout, count: int) -> ResumeError:
+    try:
+        recorded = elastic.Layout.from_record(json.loads((newest / STATE_FILE).read_text()).get("layout"))
+    except (OSError, ValueError):
+        recorded = None
+    wrote = str(recorded) if recorded else "unknown (not recorded)"
+    return ResumeError(
+        f"--resume: none of the {count} checkpoint(s) in {root} can be loaded, and training from scratch would "
+        f"prune them and overwrite best/. The newest, {newest.name}, was written by layout: {wrote}; this run's "
+        f"layout: {layout}; it failed with: {problem}. Fix what the error names (the same model and data flags as "
+        f"the run that wrote it) and rerun with --resume; or, to start afresh, choose another --output_dir or move "
+        f"{root} and best/ away.")
+
+
+def resume(accelerator, out: Path, layout: elastic.Layout, model, optimizer, scheduler,
+           optimizer_order: list[str]) -> dict:
+    """Load the newest checkpoint in ``out/checkpoints`` that every rank loads; returns its trainer state.
+
+    Candidates go newest first. Each rank checks the manifest in its own view of the file system, and
+    a checkpoint counts as complete only when every rank finds it so; every rank then loads it, and it
+    is taken only when every rank succeeded, else all ranks move to the previous one together
+    (re-loading everything). A checkpoint written in another layout loads through
+    :func:`mindmirror.elastic.load` (``optimizer_order``: the trainable parameters' names in
+    ``build_optimizer``'s order). With checkpoints and none loadable, raises :class:`ResumeError` on
+    every rank. With none at all, returns the validation accuracy of an earlier ``best/`` export, if
+    any, so that it is replaced only by a better model.
     """
-    for folder in reversed(list_checkpoints(root)):
-        problem = checkpoint_problem(folder)
+    from accelerate.utils import broadcast_object_list
+
+    root = out / "checkpoints"
+    names = broadcast_object_list([[p.name for p in list_checkpoints(root)] if accelerator.is_main_process
+                                   else None])[0]
+    views = _gather(accelerator, {name: checkpoint_problem(root / name) for name in names})
+    objects = {"model": model, "optimizer": optimizer, "scheduler": scheduler, "optimizer_order": optimizer_order}
+    problems = {}
+    for name in reversed(names):
+        folder = root / name
+        problem = _disagreement([view.get(name) for view in views])
         if problem is None:
+            t0 = time.time()
             try:
-                accelerator.load_state(str(folder))
-                return json.loads((folder / STATE_FILE).read_text())
-            except Exception as e:  # a corrupt tensor file surfaces as any of several error types
-                problem = f"failed to load ({type(e).__name__}: {e})"
+                state, error = _load_one(folder, layout, accelerator, objects), None
+            except Exception as e:  # a corrupt or mismatched file surfaces as any of several error types
+                state, error = None, _one_line(e)
+            problem = _disagreement(_gather(accelerator, error))
+            if problem is None:
+                log.info(f"resumed from step {state['step']} (epoch {state['epoch']}, step {state['step_in_epoch']} "
+                         f"in it) of {folder}, loaded in {time.time() - t0:.1f} s")
+                return state
+            problem = f"failed to load ({problem})"
+        problems[name] = problem
         if accelerator.is_main_process:
-            log.warning("checkpoint %s is not usable: %s; trying the previous one", folder, problem)
-    return None
+            log.warning("checkpoint %s is not usable: %s%s", folder, problem,
+                        "; trying the previous one" if name != names[0] else "")
+    if names:
+        raise _cannot_resume(root, root / names[-1], problems[names[-1]], layout, len(names))
+    best = out / "best" / "mindmirror.json"
+    if best.is_file():
+        earlier = json.loads(best.read_text())
+        log.info(f"--resume: no checkpoint yet, starting from scratch; best/ (step {earlier['step']}, valid accuracy "
+                 f"{earlier['valid_accuracy']:.3f}) stays until a better model replaces it")
+        return {"best_valid_accuracy": earlier["valid_accuracy"], "best_step": earlier["step"]}
+    log.info("--resume: no checkpoint yet, starting from scratch")
+    return {}
+
+
+def refuse_to_overwrite(accelerator, out: Path) -> None:
+    """Stop (on every rank) a run without ``--resume`` whose output folder holds an earlier run's
+    checkpoints or ``best/``: training from scratch would prune and overwrite them."""
+    from accelerate.utils import broadcast_object_list
+
+    found = None
+    if accelerator.is_main_process:
+        found = [str(p.relative_to(out)) for p in list_checkpoints(out / "checkpoints")]
+        found += ["best/"] if (out / "best").exists() else []
+    found = broadcast_object_list([found])[0]
+    if found:
+        raise ValueError(f"{out} already holds an earlier run's {', '.join(found)}: pass --resume to continue "
+                         "that run, or choose another --output_dir (training from scratch here would prune and "
+                         "overwrite them)")
 
 
 def export_model(accelerator, model, tokenizer, folder: Path, extra: dict | None = None) -> None:
-    """Write a Hugging Face ``save_pretrained`` export (consolidated from ZeRO-3 shards) with the tokenizer."""
-    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 partitions onto the main process
+    """Write a Hugging Face ``save_pretrained`` export (consolidated from ZeRO-3 shards) with the tokenizer.
+
+    Only the main process copies the weights to host memory: without ZeRO-3 every rank holds the whole
+    module, so the main process reads its own; under ZeRO-3 gathering the shards is a collective that
+    every rank joins (DeepSpeed keeps the result on the main process only)."""
+    plugin = accelerator.state.deepspeed_plugin
+    zero3 = plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+    state_dict = accelerator.get_state_dict(model) if zero3 or accelerator.is_main_process else None
     if accelerator.is_main_process:
         tmp = folder.with_name(f".tmp-{folder.name}")
         shutil.rmtree(tmp, ignore_errors=True)

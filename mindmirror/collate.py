@@ -22,10 +22,10 @@ from mindmirror.objective import IGNORE
 LENGTH_WINDOW = 50  # global batches per length-sorting window
 
 
-def grouping_lengths(examples: list[dict]) -> list[int]:
-    """The length-grouping key of each row: all the tokens it puts through the model (both tasks'
-    inputs and targets: every list-valued field of the example)."""
-    return [sum(len(x) for x in example.values()) for example in examples]
+def grouping_lengths(lengths: dict[str, np.ndarray]) -> np.ndarray:
+    """The length-grouping key of each row: all the tokens it puts through the model (both tasks' inputs
+    and targets), from the per-column token lengths of :func:`mindmirror.data.loader.token_lengths`."""
+    return np.sum(list(lengths.values()), axis=0)
 
 
 def step_batches(lengths: list[int], global_batch: int, seed: int, epoch: int,
@@ -79,11 +79,13 @@ class Collator:
         return {f"{prefix}input_ids": input_ids, f"{prefix}attention_mask": (input_ids != self.pad_id).long(),
                 f"{prefix}decoder_input_ids": decoder_input_ids, f"{prefix}labels": labels}
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        batch = self.task_tensors([r["input_ids"] for r in rows], [r["labels"] for r in rows])
+    def __call__(self, rows: list[dict] | dict[str, list]) -> dict[str, torch.Tensor]:
+        """Tensors of a micro-batch given as rows, or as columns (what indexing a ``datasets`` table gives)."""
+        cols = rows if isinstance(rows, dict) else {k: [r[k] for r in rows] for k in rows[0]}
+        batch = self.task_tensors(cols["input_ids"], cols["labels"])
         counts = [(batch["labels"] != IGNORE).sum()]
         if self.with_rationale:
-            batch |= self.task_tensors([r["expl_input_ids"] for r in rows], [r["rationale_ids"] for r in rows], "expl_")
+            batch |= self.task_tensors(cols["expl_input_ids"], cols["rationale_ids"], "expl_")
             counts.append((batch["expl_labels"] != IGNORE).sum())
         else:
             counts.append(torch.tensor(0))

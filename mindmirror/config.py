@@ -78,7 +78,12 @@ class TrainConfig:
     valid_fraction: float = _arg(0.1, "Fraction of training questions carved out as the validation split.")
     max_eval_samples: int = _arg(0, "Evaluate on at most this many validation rows (0: all).")
     max_test_samples: int = _arg(0, "Test on at most this many test rows (0: all).")
-    skip_bad_records: bool = _arg(False, "Skip and count unparsable records instead of stopping with an error.")
+    skip_bad_records: bool = _arg(False, "Skip and count every bad record, structural faults included, with no "
+                                         "--max_bad_fraction limit.")
+    strict_data: bool = _arg(False, "Stop at the first bad record, even a question whose teacher text cannot be "
+                                    "parsed (by default those are skipped and listed in skipped_records.jsonl).")
+    max_bad_fraction: float = _arg(0.05, "Stop when more than this share of a split's questions have unusable "
+                                         "teacher text (a wrong file or format shows up as mostly bad).")
     save_steps: int = _arg(0, "Save a resumable checkpoint every N optimizer steps (0: at the end only).")
     save_total_limit: int = _arg(2, "Keep this many newest checkpoints.")
     resume: bool = _arg(False, "Continue from the newest complete checkpoint in --output_dir.")
@@ -86,6 +91,8 @@ class TrainConfig:
     report_to: str = _arg("tensorboard", "Accelerate tracker(s): tensorboard, wandb, mlflow, ..., or none.")
     max_nonfinite_steps: int = _arg(5, "Stop after this many non-finite losses in a row.")
     cache_dir: str = _arg("", "Tokenized-data cache; empty: $MINDMIRROR_CACHE or ~/.cache/mindmirror.")
+    preprocessing_num_workers: int = _arg(0, "Processes that tokenize the training rows the first time a data set "
+                                             "is used; 0: up to 8 for 20,000 rows or more, else 1.")
     vocab_size: int = _arg(0, "Built models (size names, --random_init): embedding rows; 0: the tokenizer's size "
                               "rounded up to 128 (32128 gives the published t5-v1_1 architecture).")
     group_by_length: bool = _arg(True, "Group rows of similar length into the same step (less padding).")
@@ -124,6 +131,10 @@ class TrainConfig:
                 bad(f"--{name} must be at least 1")
         if not 0.0 < self.subsample <= 1.0:
             bad(f"--subsample must be in (0, 1], got {self.subsample}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            bad(f"--max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.strict_data and self.skip_bad_records:
+            bad("--strict_data and --skip_bad_records contradict each other: give one")
         if not 0.0 < self.valid_fraction < 1.0:
             bad(f"--valid_fraction must be in (0, 1), got {self.valid_fraction}")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:

@@ -144,8 +144,8 @@ def main(argv=None) -> dict:
     """Evaluate as the flags say; returns the result written to ``eval_<model>_<split>.json``."""
     import torch
 
+    from mindmirror.data.loader import load_data
     from mindmirror.evaluate import evaluate_split
-    from mindmirror.loop import load_data
 
     args = parse_args(argv)
     model = Path(args.model).resolve()
@@ -162,8 +162,7 @@ def main(argv=None) -> dict:
     if args.max_samples is None:  # the rows the run itself was tested (or validated) on; all of train
         limit = {"valid": "max_eval_samples", "test": "max_test_samples"}.get(args.split)
         args.max_samples = values.get(limit, 0) if limit else 0
-    values.update(output_dir=str(run_dir), init_from="", continue_train=False, max_eval_samples=args.max_samples,
-                  max_test_samples=args.max_samples)
+    values.update(output_dir=str(run_dir), init_from="", continue_train=False)
     if kind == "checkpoint":  # the architecture comes from where the run started (summary.json: resolved)
         values["init_from"] = run_summary(run_dir).get("init_from") or run_config(run_dir).get("init_from", "")
         if values["init_from"] and not Path(values["init_from"]).is_dir():
@@ -173,12 +172,10 @@ def main(argv=None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.time()
     t5, tokenizer = load(model, kind, run_dir, cfg, device, args.bf16, args.tokenizer)
-    rows, tables, _ = load_data(cfg, tokenizer, splits=(args.split,))
-    rows = rows[args.split][:args.max_samples] if args.max_samples else rows[args.split]
-    table = tables[args.split].select(range(len(rows)))  # load_data limits valid and test, not train
+    tables, _ = load_data(cfg, tokenizer, splits=(args.split,), limits={args.split: args.max_samples})
     spec = DATASETS[cfg.dataset]
     result, records = evaluate_split(
-        t5, tokenizer, table, rows, family=spec.family,
+        t5, tokenizer, tables[args.split], family=spec.family,
         kind="text" if cfg.model_type == "task_prefix_tree2" else spec.metric, model_type=cfg.model_type,
         device=device, batch_size=args.batch_size, gen_max_len=args.gen_max_len or cfg.gen_max_len,
         rationale_max_len=args.rationale_max_len or cfg.max_target_length, samples=args.self_eval_samples,

@@ -71,23 +71,24 @@ def score(predictions: list[str], golds: list[str], kind: str) -> tuple[float, l
     return (sum(correct) / len(correct) if correct else 0.0), correct
 
 
-def evaluate_split(t5, tokenizer, table, rows, *, family: str, kind: str, model_type: str, device,
+def evaluate_split(t5, tokenizer, table, *, family: str, kind: str, model_type: str, device,
                    batch_size: int = 64, gen_max_len: int = 64, rationale_max_len: int = 256, samples: int = 0,
                    temperature: float = 1.0, seed: int = 0, max_input_length: int = 1024) -> tuple[dict, list[dict]]:
-    """Greedy answers (and rationales) for a split; with ``samples`` > 0 also the majority vote over
+    """Greedy answers (and rationales) for a split's tokenized table (its ``input`` and ``label`` columns
+    give the records' text and the gold answers); with ``samples`` > 0 also the majority vote over
     that many sampled answers and, where the model has the rationale task, the vote weighted by the
     student's own verdicts (:mod:`mindmirror.selfeval`). Returns the accuracies and one record per row.
     """
     one = {"world": 1, "rank": 0, "device": device, "batch_size": batch_size}
     has_rationale = "expl_input_ids" in table.column_names
-    golds = [r.label for r in rows]
+    golds, inputs = list(table["label"]), list(table["input"])
     greedy = generate(t5, tokenizer, table, "input_ids", max_new_tokens=gen_max_len, **one)
     rationales = generate(t5, tokenizer, table, "expl_input_ids", max_new_tokens=rationale_max_len, **one) \
-        if has_rationale else [None] * len(rows)
+        if has_rationale else [None] * len(golds)
     accuracy, correct = score(greedy, golds, kind)
-    records = [{"input": r.input, "prediction": p, "rationale": e, "gold": r.label, "correct": ok}
-               for r, p, e, ok in zip(rows, greedy, rationales, correct)]
-    result = {"rows": len(rows), "accuracy": accuracy}
+    records = [{"input": x, "prediction": p, "rationale": e, "gold": g, "correct": ok}
+               for x, g, p, e, ok in zip(inputs, golds, greedy, rationales, correct)]
+    result = {"rows": len(golds), "accuracy": accuracy}
     if samples > 0 and model_type != "task_prefix_tree2":  # votes pick answers, not verdicts
         torch.manual_seed(seed)
         sampling = {"device": device, "batch_size": max(1, batch_size // samples), "temperature": temperature}

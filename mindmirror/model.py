@@ -46,12 +46,25 @@ def untie_lm_head(model):
     transformers 5 always ties ``lm_head`` to the input embedding of a freshly built T5 (it unties
     only when a checkpoint holds both); t5-v1_1 keeps them separate and does not rescale the decoder
     output. The projection is initialised with std ``d_model ** -0.5`` (Mesh TensorFlow's choice),
-    so initial logits are of order one.
+    so initial logits are of order one. On a model partitioned by ``deepspeed.zero.Init`` the new
+    projection is partitioned too: rank 0 draws the whole tensor, every rank keeps its shard.
     """
     import torch
 
-    weight = torch.empty_like(model.shared.weight).normal_(0.0, model.config.d_model ** -0.5)
-    model.lm_head.weight = torch.nn.Parameter(weight)
+    std = model.config.d_model ** -0.5
+    if hasattr(model.shared.weight, "ds_id"):  # a ZeRO-3 parameter: its data here is an empty placeholder
+        import deepspeed
+        from transformers.integrations import deepspeed_config
+
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+            head = torch.nn.Linear(model.config.d_model, model.config.vocab_size, bias=False)
+        with torch.no_grad(), deepspeed.zero.GatheredParameters([head.weight], modifier_rank=0):
+            if deepspeed.comm.get_rank() == 0:
+                head.weight.normal_(0.0, std)
+        model.lm_head = head
+    else:
+        weight = torch.empty_like(model.shared.weight).normal_(0.0, std)
+        model.lm_head.weight = torch.nn.Parameter(weight)
     getattr(model, "all_tied_weights_keys", {}).pop("lm_head.weight", None)
     return model
 
@@ -71,16 +84,21 @@ def load_tokenizer(name: str, from_pretrained: str, random_init: bool):
 
 
 def load_model(from_pretrained: str, tokenizer, random_init: bool = False, init_from: str = "",
-               vocab_size: int = 0, speedups: bool = True):
+               vocab_size: int = 0, speedups: bool = True, partitioned: bool = False):
     """The student model: built from a shipped config, or loaded from ``init_from`` / the Hub / a folder.
 
     ``vocab_size`` (built models only) sets the embedding rows; 0 sizes them to the tokenizer.
-    ``speedups`` swaps in the fused GELU and the fast CPU dropout (same functions, less time)."""
+    ``speedups`` swaps in the fused GELU and the fast CPU dropout (same functions, less time).
+    ``partitioned`` builds a model from a shipped config under ``deepspeed.zero.Init`` where a ZeRO-3
+    config is registered (Accelerate registers it under ZeRO-3): every rank allocates only its shard,
+    and the T5 initialisation runs on each module's gathered parameters, the same distribution as a
+    whole build but another random stream. Loaded weights are partitioned by transformers itself."""
     def faster(model):
         from mindmirror.speedups import fast_dropout, fused_gelu
 
         return fast_dropout(fused_gelu(model)) if speedups else model
 
+    import torch
     from transformers import T5ForConditionalGeneration
 
     source = init_from or from_pretrained
@@ -90,9 +108,12 @@ def load_model(from_pretrained: str, tokenizer, random_init: bool = False, init_
         config = model_config(size_name(from_pretrained), vocab_size or len(tokenizer))
         config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         config.decoder_start_token_id = tokenizer.pad_token_id
-        return faster(untie_lm_head(T5ForConditionalGeneration(config)))
+        build = T5ForConditionalGeneration._from_config if partitioned else T5ForConditionalGeneration
+        return faster(untie_lm_head(build(config)))
     try:
-        model = T5ForConditionalGeneration.from_pretrained(source)
+        # fp32 master weights whatever the checkpoint holds: transformers would keep a bf16 export (a DeepSpeed bf16
+        # run's) in bf16, and AdamW on bf16 weights without an fp32 copy loses small updates.
+        model = T5ForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
     except OSError as e:
         hint = (f" To train this architecture from scratch, add --random_init (sizes: {', '.join(SIZES)})."
                 if size_name(source) else "")

@@ -20,7 +20,6 @@ import argparse
 import csv
 import itertools
 import json
-import math
 import os
 import re
 import shutil
@@ -55,7 +54,8 @@ class Point:
 
     @property
     def name(self) -> str:
-        return f"{self.model}_z{self.zero.replace('+offload', 'off')}_{self.precision}_mb{self.micro_batch}_w{self.world_size}"
+        zero = self.zero.replace("+offload", "off")
+        return f"{self.model}_z{zero}_{self.precision}_mb{self.micro_batch}_w{self.world_size}"
 
     @property
     def stage(self) -> int:
@@ -107,7 +107,8 @@ def dry_run(points: list[Point], args) -> str:
         lines.append(row)
     if gb:
         lines += ["", f"fewest GPUs of {gb:g} GB per size and ZeRO stage ({args.precision[0]}, micro-batch "
-                      f"{args.micro_batch[0]}):", "", "| model | " + " | ".join(f"ZeRO-{z}" for z in ZERO_VARIANTS) + " |",
+                      f"{args.micro_batch[0]}):", "",
+                      "| model | " + " | ".join(f"ZeRO-{z}" for z in ZERO_VARIANTS) + " |",
                   "|---|" + "---|" * len(ZERO_VARIANTS)]
         for size in args.sizes:
             config = model_config(size, args.vocab_size)
@@ -188,6 +189,20 @@ def failure_reason(returncode: int, log: str) -> tuple[str, str]:
     return "failed", ((mine or errors or [f"exit code {returncode}"])[0])[:300]
 
 
+def batch_problem(out: Path, p: Point) -> str | None:
+    """Why a finished run did not measure its point: the trainer lowers a micro-batch that the training data
+    cannot fill (so small data sets train), which would record another point under this one's name."""
+    try:
+        summary = json.loads((out / "run" / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None  # measure() reports an unreadable summary
+    used = summary.get("batch_size", p.micro_batch)
+    if used == p.micro_batch:
+        return None
+    return (f"error: micro-batch {p.micro_batch} x {p.world_size} process(es) is larger than the "
+            f"{summary['rows']['train']} training rows (the trainer ran micro-batch {used}): not this point")
+
+
 def measure(out: Path, p: Point, warmup: int) -> dict:
     """Figures of a finished run from its metrics.jsonl and summary.json (the first steps left out)."""
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -212,6 +227,9 @@ def run_point(p: Point, args, root: Path, e: estimate.MemoryEstimate) -> dict:
     """Run one point (``e``: its memory estimate) and return its record."""
     out = root / "points" / p.name
     out.mkdir(parents=True, exist_ok=True)
+    # A point measures one fresh run: a retried point's earlier run (its metrics, any checkpoints kept
+    # with --keep_checkpoints) goes first; the trainer would refuse to start over them.
+    shutil.rmtree(out / "run", ignore_errors=True)
     result = {"point": p.name, **asdict(p), "parameters": parameters(p, args), "est_mem_mb": e.total / 2 ** 20,
               "est_breakdown_mb": {k: v * 1024 for k, v in e.gib().items()}}
     cmd, env = command(p, args, out)
@@ -234,6 +252,8 @@ def run_point(p: Point, args, root: Path, e: estimate.MemoryEstimate) -> dict:
     elif returncode != 0:
         status, reason = failure_reason(returncode, text)
         result.update(status=status, reason=reason)
+    elif (problem := batch_problem(out, p)) is not None:
+        result.update(status="failed", reason=problem)
     else:
         try:
             result.update(status="ok", reason="", **measure(out, p, args.warmup_steps))
@@ -325,7 +345,8 @@ def parse_args(argv=None):
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sizes", type=csv_list(str), default=["tiny", "t5-v1_1-small"], help=f"from {', '.join(SIZES)}")
     p.add_argument("--zero", type=csv_list(str), default=["0", "2", "3"], help=f"from {', '.join(ZERO_VARIANTS)}")
-    p.add_argument("--precision", type=csv_list(str), default=None, help="fp32,bf16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--precision", type=csv_list(str), default=None,
+                   help="fp32,bf16 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--micro_batch", type=csv_list(int), default=[8])
     p.add_argument("--world_size", type=csv_list(int), default=[1])
     p.add_argument("--steps", type=int, default=8, help="optimizer steps per point")

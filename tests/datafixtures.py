@@ -254,7 +254,8 @@ class DataBuilder:
     @staticmethod
     def anli_cot(rec: dict, i: int) -> str:
         return (f"The premise describes cat {i}. So the answer is {ANLI_NAMES[(rec['label'] + (i % 4 == 3)) % 3]}."
-                "\n\nQ: Premise: A dog runs. Hypothesis: An animal moves.\nA: A dog is an animal. So the answer is entailment.")
+                "\n\nQ: Premise: A dog runs. Hypothesis: An animal moves.\n"
+                "A: A dog is an animal. So the answer is entailment.")
 
     def anli_dss(self, n: dict[str, int] | None = None, with_eval_cots: bool = True) -> dict:
         n = n or {"train": 6, "valid": 3, "test": 3}

@@ -55,7 +55,7 @@ def test_more_branches_than_the_teacher_wrote_is_a_clear_error(capsys, tmp_path,
     monkeypatch.chdir(tmp_path)
     assert train_main(["--num_train_branches", "6", "--report_to", "none", "--cache_dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "train_CoT_0.json" in err and "has 5 CoTs, fewer than the 6 requested" in err
+    assert "train_CoT_0.json" in err and "hold at most 5 CoTs per question, but --num_train_branches asks for 6" in err
 
 
 def test_readme_flag_table_matches_the_code():

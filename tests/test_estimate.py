@@ -12,8 +12,19 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from mindmirror import estimate
 from mindmirror.estimate import (
-    MemoryEstimate, activation_bytes, forward_flops, memory_per_rank, mfu, model_flops_per_token, parameter_count,
-    peak_flops, plan_fits, sample_flops, smallest_world_size, tied_lm_head, training_flops,
+    MemoryEstimate,
+    activation_bytes,
+    forward_flops,
+    memory_per_rank,
+    mfu,
+    model_flops_per_token,
+    parameter_count,
+    peak_flops,
+    plan_fits,
+    sample_flops,
+    smallest_world_size,
+    tied_lm_head,
+    training_flops,
 )
 from mindmirror.model import SIZES, load_model, load_tokenizer, model_config, untie_lm_head
 from mindmirror.objective import DistillationObjective

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mindmirror.cli import train_main
-from mindmirror.model import BUNDLED_TOKENIZER, ModelLoadError, load_model, load_tokenizer, model_config
+from mindmirror.model import BUNDLED_TOKENIZER, ModelLoadError, load_model, load_tokenizer
 
 # Parameter counts of the published google/t5-v1_1 checkpoints (vocabulary 32128, untied lm_head).
 PUBLISHED = {"t5-v1_1-small": 76_961_152, "t5-v1_1-base": 247_577_856, "t5-v1_1-large": 783_150_080}

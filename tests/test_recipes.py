@@ -48,8 +48,10 @@ def test_dry_run_chains_the_stages_and_scales_the_epochs(capsys):
         assert f["--from_pretrained"] == "google/t5-v1_1-large"
     for recipe in ("cot1_se", "cot5_se"):
         stage2 = by_output[f"{recipe}/s3/stage2"]
-        assert stage2["--init_from"] == str((Path("out/svamp/t5-v1_1-large") / recipe / "s3" / "stage1" / "best").resolve())
-        assert stage2["--experiment"] == recipe and by_output[f"{recipe}/s3/stage1"]["--experiment"] == f"{recipe}/stage1"
+        stage1_best = Path("out/svamp/t5-v1_1-large") / recipe / "s3" / "stage1" / "best"
+        assert stage2["--init_from"] == str(stage1_best.resolve())
+        assert stage2["--experiment"] == recipe
+        assert by_output[f"{recipe}/s3/stage1"]["--experiment"] == f"{recipe}/stage1"
     assert "--init_from" not in by_output["cot5/s3/stage1"]
     assert all(f["--resume"] is True for f in flags)  # a stopped stage continues
 
@@ -142,7 +144,8 @@ def test_two_recipes_end_to_end_make_the_table(tmp_path, monkeypatch, capsys):
         ("task_prefix_tree2", "svamp_tree2", 5)
     assert (config2["model_type"], config2["dataset"], config2["num_train_branches"]) == \
         ("task_prefix_tree1", "svamp_tree1", 1)
-    assert config2["init_from"] == str((stage1 / "best").resolve()) and (stage1 / "best" / "model.safetensors").is_file()
+    assert config2["init_from"] == str((stage1 / "best").resolve())
+    assert (stage1 / "best" / "model.safetensors").is_file()
     summary1, summary2 = (json.loads((s / "summary.json").read_text()) for s in (stage1, stage2))
     assert summary2["init_from"] == str((stage1 / "best").resolve())
     assert [s["final_step"] for s in summary2["stages"]] == [summary1["final_step"], summary2["final_step"]]

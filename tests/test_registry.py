@@ -189,7 +189,7 @@ def test_dss_non_consecutive_chunks(data):
 
 def test_dss_cqa(data):
     written = data.cqa_dss(n_train=6, n_test=3, chunks={"train": [4, 2], "test": [3]})
-    recs = {f"{r['question']}\nAnswer Choices:\n" + "\n".join(f"({l}) {c}" for l, c in zip("abcde", r["choices"])):
+    recs = {f"{r['question']}\nAnswer Choices:\n" + "\n".join(f"({k}) {c}" for k, c in zip("abcde", r["choices"])):
             (r, cot) for split in ("train", "test") for r, cot in zip(*written[split])}
     for label_type in ("gt", "llm"):
         out, _ = build_task_rows("cqa", data.root, label_type=label_type)
@@ -255,11 +255,10 @@ def test_more_branches_than_cots(data):
     train_qs = svamp_questions(6, branches=3)
     data.tree("svamp_tree1", {"train": train_qs, "test": svamp_questions(2, start=50)})
     build_task_rows("svamp_tree1", data.root, num_train_branches=3)  # fine
-    with pytest.raises(DataError) as err:
-        build_task_rows("svamp_tree1", data.root, num_train_branches=5)
+    with pytest.raises(DataError) as err:  # every question short: a wrong flag, not messy data, so never skipped
+        build_task_rows("svamp_tree1", data.root, num_train_branches=5, max_bad_fraction=1.0)
     assert err.value.path.endswith("train_CoT_0.json")
-    msg = str(err.value)
-    assert f"record {err.value.record}:" in msg and "3 CoTs" in msg and "5" in msg
+    assert "at most 3 CoTs per question, but --num_train_branches asks for 5" in str(err.value)
 
 
 def test_dss_layout_rejects_several_branches(data):
@@ -303,7 +302,8 @@ def test_broken_json_line_in_jsonl_is_skipped(tree1):
     lines[i] = lines[i][:25]
     path.write_text("\n".join(lines) + "\n")
     out, report = build_task_rows("svamp_tree1", data.root, skip_bad_records=True, num_train_branches=2)
-    assert len(report.skipped) == 1 and f"record {i}" in report.skipped[0]
+    assert len(report.skipped) == 1 and f"record {i}" in str(report.skipped[0])
+    assert report.skipped[0].reason == "bad_record"
     assert report.questions["train"] + report.questions["valid"] == 9
     assert train_qs[i].input not in {r.input for r in out["train"] + out["valid"]}
     assert_tree1_aligned(out, train_qs, test_qs, "gt", 2)
@@ -321,13 +321,20 @@ def test_cot_without_parsable_answer(tree1, label_type):
     i = train_indices(data.root, "svamp_tree1", train_qs)[3]
     path = _corrupt_cot(data, i, branch=3)
     # branch 3 is not used with 1 branch
-    build_task_rows("svamp_tree1", data.root, label_type=label_type, num_train_branches=1)
+    _, report = build_task_rows("svamp_tree1", data.root, label_type=label_type, num_train_branches=1)
+    assert report.skipped == []
     with pytest.raises(DataError) as err:
-        build_task_rows("svamp_tree1", data.root, label_type=label_type, num_train_branches=5)
+        build_task_rows("svamp_tree1", data.root, label_type=label_type, num_train_branches=5, strict_data=True)
     assert str(err.value).startswith(f"{path}: record {i}: CoT 3 has no parsable answer")
+    assert "--strict_data" in str(err.value)
+    # By default the question is skipped (1 of 9 here, so the share limit is raised for this tiny split).
     out, report = build_task_rows("svamp_tree1", data.root, label_type=label_type, num_train_branches=5,
-                                  skip_bad_records=True)
-    assert len(report.skipped) == 1 and report.skipped[0].startswith(f"{path}: record {i}: CoT 3")
+                                  max_bad_fraction=0.2)
+    assert len(report.skipped) == 1 and str(report.skipped[0]).startswith(f"{path}: record {i}: CoT 3")
+    skip = report.skipped[0]
+    assert (skip.split, skip.file, skip.record, skip.reason) == ("train", str(path), i, "no_answer")
+    assert "roughly" in skip.excerpt
+    assert report.counts() == {"total": 1, "by_reason": {"no_answer": 1}, "by_split": {"train": 1}}
     assert report.questions["train"] == len(train_indices(data.root, "svamp_tree1", train_qs)) - 1
     assert train_qs[i].input not in {r.input for r in out["train"]}
     assert_tree1_aligned(out, train_qs, test_qs, label_type, 5)
@@ -341,10 +348,11 @@ def test_fewer_cots_than_branches_is_skipped(tree1):
         del records[i]["steps"][0]["new_ys"][2:]
     path = data.edit_teacher("svamp_tree1", "train", edit)
     with pytest.raises(DataError) as err:
-        build_task_rows("svamp_tree1", data.root, num_train_branches=5)
+        build_task_rows("svamp_tree1", data.root, num_train_branches=5, strict_data=True)
     assert str(err.value).startswith(f"{path}: record {i}: has 2 CoTs, fewer than the 5 requested")
-    out, report = build_task_rows("svamp_tree1", data.root, num_train_branches=5, skip_bad_records=True)
-    assert len(report.skipped) == 1 and f"record {i}" in report.skipped[0]
+    out, report = build_task_rows("svamp_tree1", data.root, num_train_branches=5, max_bad_fraction=0.2)
+    assert len(report.skipped) == 1 and f"record {i}" in str(report.skipped[0])
+    assert report.skipped[0].reason == "too_few_cots"
     assert len(out["train"]) == 5 * report.questions["train"]
     assert train_qs[i].input not in {r.input for r in out["train"]}
     assert_tree1_aligned(out, train_qs, test_qs, "gt", 5)
@@ -360,11 +368,14 @@ def test_unparsable_verdict_in_tree2(data):
     data.tree("svamp_tree2", {"train": train_qs, "test": test_qs})  # prepared jsonl leaves it out, as the original
     path = data.teacher_path("svamp_tree2", "train")
     with pytest.raises(DataError) as err:
-        build_task_rows("svamp_tree2", data.root, model_type="task_prefix_tree2", num_train_branches=5)
+        build_task_rows("svamp_tree2", data.root, model_type="task_prefix_tree2", num_train_branches=5,
+                        strict_data=True)
     assert str(err.value).startswith(f"{path}: record {i}: evaluation 2 of CoT 1 has no verdict")
     out, report = build_task_rows("svamp_tree2", data.root, model_type="task_prefix_tree2", num_train_branches=5,
-                                  skip_bad_records=True)
-    assert len(report.skipped) == 1 and f"record {i}" in report.skipped[0]
+                                  max_bad_fraction=0.2)
+    assert len(report.skipped) == 1 and f"record {i}" in str(report.skipped[0])
+    assert (report.skipped[0].reason, report.skipped[0].file) == ("no_verdict", str(path))
+    assert "unclear" in report.skipped[0].excerpt
     assert len(out["train"]) == len(clean["train"]) - 25
     assert not set(train_qs[i].cots) & {r.input for r in out["train"]}
     for split in ("train", "valid"):
@@ -453,14 +464,14 @@ def test_summary_reports_rows_per_split_and_skips(tree1):
     assert line.startswith("svamp_tree1: ")
     for split in ("train", "valid", "test"):
         assert f"{split} {n[split]} rows ({q[split]} questions)" in line
-    assert "skipped 1 bad records" in line and f"record {i}" in line
+    assert "skipped 1 questions with unusable teacher text (no_answer 1; first: " in line and f"record {i}" in line
     assert report.rows == n and report.questions == q
 
 
 def test_summary_without_skips(tree1):
     data, _, _ = tree1
     _, report = build_task_rows("svamp_tree1", data.root)
-    assert report.summary("x").endswith("; skipped 0 bad records")
+    assert report.summary("x").endswith("; no bad records")
 
 
 def test_missing_teacher_files_for_tree1(data):
@@ -534,3 +545,73 @@ def test_valid_fraction(tree1_20):
     data, _, _ = tree1_20
     out, _ = build_task_rows("svamp_tree1", data.root, valid_fraction=0.25)
     assert len(questions_of(out["valid"])) == 5 and len(questions_of(out["train"])) == 15
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Messy teacher data trains by default
+
+
+def _truncate(problem: dict) -> str:
+    """A generation cut off mid-equation, as real teacher files hold (no 'The answer is')."""
+    a, b = parse_svamp_numbers(problem["Body"])
+    return f"Mia has {a} stickers and gets {b} more, so she has {a} + "
+
+
+def test_truncated_dss_cots_are_skipped_and_listed_by_default(data):
+    bad_ids = {"chal-3", "chal-17", "chal-42"}
+    problems = data.svamp_dss(100, cot_fn=lambda p: _truncate(p) if p["ID"] in bad_ids else data.svamp_dss_cot(p))
+    by_input = {f"{p['Body']}\n{p['Question']}": p["ID"] for p in problems}
+    out, report = build_task_rows("svamp", data.root, label_type="llm")
+    trained = {by_input[r.input] for r in out["train"]}
+    # A truncated CoT only matters where it is trained on (valid and test rows use gold labels): the questions
+    # skipped are the bad ones found in no split.
+    kept = trained | {by_input[r.input] for r in out["valid"] + out["test"]}
+    expected = sorted(bad_ids - kept)
+    assert len(report.skipped) == len(expected) > 0
+    assert not bad_ids & trained
+    for skip in report.skipped:
+        assert (skip.split, skip.reason) == ("train", "no_answer") and skip.file.endswith("train_CoT_0.json")
+        assert skip.excerpt.startswith("Mia has") and skip.excerpt.endswith("+")
+    assert report.questions["train"] == 80 - len(out["valid"]) - len(expected)
+
+
+def test_a_mostly_bad_file_stops_with_a_clear_error(data):
+    data.svamp_dss(20, cot_fn=lambda p: "I cannot answer this question.")
+    with pytest.raises(DataError) as err:
+        build_task_rows("svamp", data.root)
+    msg = str(err.value)
+    assert "of the" in msg and "questions of the train split (100.0%)" in msg and "no_answer" in msg
+    assert "--max_bad_fraction 0.05" in msg and "train_CoT_0.json: record 0" in msg
+
+
+def test_tree2_prepared_file_with_a_row_for_every_evaluation(data):
+    """Some tools write a prepared row even for an evaluation without a verdict: the rows stay in step and the
+    question is reported against the teacher file, record, CoT and evaluation, not the prepared file."""
+    train_qs, test_qs = svamp_questions(10), svamp_questions(2, start=50)
+    train_qs[4].evals[2][3] = "Evaluation:\n\nThe steps look fine but I ran out of"
+    data.tree("svamp_tree2", {"train": train_qs, "test": test_qs})
+    path = data.root / "svamp_tree2" / "svamp_tree2_train.json"
+    rows = [{"input": cot, "label": verdict_of(e) or "unclear"} for q in train_qs for cot, evs in zip(q.cots, q.evals)
+            for e in evs]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    teacher = data.teacher_path("svamp_tree2", "train")
+    with pytest.raises(DataError) as err:
+        build_task_rows("svamp_tree2", data.root, model_type="task_prefix_tree2", num_train_branches=5,
+                        strict_data=True)
+    assert str(err.value).startswith(f"{teacher}: record 4: evaluation 3 of CoT 2 has no verdict")
+    out, report = build_task_rows("svamp_tree2", data.root, model_type="task_prefix_tree2", num_train_branches=5,
+                                  max_bad_fraction=0.2)
+    assert [(s.file, s.record, s.reason) for s in report.skipped] == [(str(teacher), 4, "no_verdict")]
+    assert not set(train_qs[4].cots) & {r.input for r in out["train"] + out["valid"]}
+    assert_tree2_aligned(out["train"], train_qs)
+    rows[7]["label"] = "uncertain" if rows[7]["label"] != "uncertain" else "correct"  # a real contradiction
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(DataError, match=r"svamp_tree2_train\.json: record 7: does not match"):
+        build_task_rows("svamp_tree2", data.root, model_type="task_prefix_tree2", max_bad_fraction=0.2)
+
+
+def test_strict_data_and_skip_bad_records_disagree():
+    from mindmirror.config import TrainConfig
+
+    with pytest.raises(ValueError, match="contradict"):
+        TrainConfig(strict_data=True, skip_bad_records=True).validate()

@@ -11,7 +11,6 @@ import torch
 from mindmirror import selfeval
 from mindmirror.data import formats
 
-
 # ---- votes ------------------------------------------------------------------------------------
 
 
@@ -110,7 +109,7 @@ def test_evaluate_split_records_are_the_models_own_generations(tiny, tmp_path):
     rows = rows["test"][:6]
     table = tokenize_rows(rows, tokenizer, with_rationale=True, max_input_length=256, cache_dir=tmp_path)
     k = 3
-    result, records = evaluate_split(t5, tokenizer, table, rows, family="svamp", kind="equation",
+    result, records = evaluate_split(t5, tokenizer, table, family="svamp", kind="equation",
                                       model_type="task_prefix_tree1", device="cpu", batch_size=4, gen_max_len=10,
                                       rationale_max_len=12, samples=k, temperature=1.0, seed=0)
     assert len(records) == len(rows) == result["rows"]
@@ -137,7 +136,7 @@ def test_evaluate_split_records_are_the_models_own_generations(tiny, tmp_path):
         assert result[key] == sum(r[{"prediction": "correct"}.get(field, field + "_correct")] for r in records) / 6
 
     # The same seed samples the same answers and rationales.
-    _, again = evaluate_split(t5, tokenizer, table, rows, family="svamp", kind="equation",
+    _, again = evaluate_split(t5, tokenizer, table, family="svamp", kind="equation",
                               model_type="task_prefix_tree1", device="cpu", batch_size=4, gen_max_len=10,
                               rationale_max_len=12, samples=k, temperature=1.0, seed=0)
     assert again == records
@@ -159,7 +158,7 @@ def test_evaluate_split_votes_only_where_they_mean_something(tiny, tmp_path, mod
     rows = rows["test"][:3]
     table = tokenize_rows(rows, tokenizer, with_rationale=model_type != "standard", max_input_length=256,
                           cache_dir=tmp_path)
-    result, records = evaluate_split(t5, tokenizer, table, rows, family="svamp",
+    result, records = evaluate_split(t5, tokenizer, table, family="svamp",
                                      kind="text" if model_type == "task_prefix_tree2" else "equation",
                                      model_type=model_type, device="cpu", batch_size=4, gen_max_len=6,
                                      rationale_max_len=6, samples=samples)

@@ -5,9 +5,11 @@ Needs root and Debian's slurm-wlm (``.ci/run`` installs it where it can); skips,
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pwd
+import re
 import shutil
 import subprocess
 import time
@@ -119,16 +121,46 @@ def _job_env(tmp_path: Path, slurm_env: dict) -> dict:
                                                 "MINDMIRROR_ROOT": str(REPO)}
 
 
-def _submit(tmp_path: Path, env: dict, args: list[str]) -> str:
+def _submit(tmp_path: Path, env: dict, args: list[str], extra_env: dict | None = None,
+            template: str = "train.sbatch", sbatch_args: tuple = ("--nodes=2",)) -> str:
     (tmp_path / "logs").mkdir(exist_ok=True)
-    job_env = _job_env(tmp_path, env)
-    out = _run("sbatch", "--parsable", "--nodes=2", "--cpus-per-task=1", "--gpus-per-node=0", "--chdir", str(tmp_path),
-               str(REPO / "launch" / "slurm" / "train.sbatch"), *args, env=job_env)
+    job_env = _job_env(tmp_path, env) | (extra_env or {})
+    out = _run("sbatch", "--parsable", *sbatch_args, "--cpus-per-task=1", "--gpus-per-node=0", "--chdir", str(tmp_path),
+               str(REPO / "launch" / "slurm" / template), *args, env=job_env)
     return out.stdout.strip().split(";")[0]
 
 
+# Several processes write progress bars into one log at once and can split a character between them.
 def _job_log(tmp_path: Path, job: str) -> str:
-    return (tmp_path / "logs" / f"mindmirror-{job}.out").read_text()
+    return (tmp_path / "logs" / f"mindmirror-{job}.out").read_text(errors="replace")
+
+
+def _sweep_log(tmp_path: Path, job: str, task: int = 0) -> str:
+    return (tmp_path / "logs" / f"mindmirror-sweep-{job}_{task}.out").read_text(errors="replace")
+
+
+def _wait_for_losses(out: Path, count: int, job: str, env: dict, log) -> None:
+    """Until ``out/metrics.jsonl`` has ``count`` training losses: the trainers are past their start-up."""
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"loss"') >= count):
+        assert _run("squeue", "-h", "-j", job, env=env, check=False).stdout.strip(), log()[-3000:]
+        time.sleep(0.2)
+
+
+def _preempt_and_wait_for_restart(job: str, env: dict, log) -> None:
+    """Send the preemption signal as Slurm does before the time limit; return once the requeued job has started."""
+    _run("scancel", "--signal=USR1", "--batch", job, env=env)
+    # The job saves and requeues itself; Slurm may hold a requeued job back for a while: start it now.
+    deadline = time.time() + 400
+    while time.time() < deadline and "restart 1" not in log():
+        state = _run("squeue", "-h", "-j", job, "-o", "%T", env=env, check=False).stdout.strip()
+        if state == "PENDING":
+            # slurmd refuses credentials issued in the second the old run was revoked: let it pass.
+            time.sleep(3)
+            _run("scontrol", "update", f"jobid={job}", "starttime=now", env=env, check=False)
+        time.sleep(0.5)
+    assert "restart 1" in log(), log()[-3000:]
 
 
 def test_template_trains_on_two_nodes(slurm, tmp_path):
@@ -147,21 +179,8 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path):
 
     run_train(tmp_path, FAST + ["--max_steps", "40", "--batch_size", "8", "--output_dir", "ref"])
     job = _submit(tmp_path, slurm, args)
-    metrics = tmp_path / "out" / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count('"loss"') >= 5):
-        assert _run("squeue", "-h", "-j", job, env=slurm, check=False).stdout.strip(), _job_log(tmp_path, job)[-3000:]
-        time.sleep(0.2)
-    _run("scancel", "--signal=USR1", "--batch", job, env=slurm)
-    # The job saves and requeues itself; Slurm may hold a requeued job back for a while: start it now.
-    deadline = time.time() + 300
-    while time.time() < deadline and "restart 1" not in _job_log(tmp_path, job):
-        state = _run("squeue", "-h", "-j", job, "-o", "%T", env=slurm, check=False).stdout.strip()
-        if state == "PENDING":
-            # slurmd refuses credentials issued in the second the old run was revoked: let it pass.
-            time.sleep(3)
-            _run("scontrol", "update", f"jobid={job}", "starttime=now", env=slurm, check=False)
-        time.sleep(0.5)
+    _wait_for_losses(tmp_path / "out", 5, job, slurm, functools.partial(_job_log, tmp_path, job))
+    _preempt_and_wait_for_restart(job, slurm, functools.partial(_job_log, tmp_path, job))
     _wait_for_job(job, slurm)
     log = _job_log(tmp_path, job)
     assert "requeueing" in log and "restart 1" in log, log[-3000:]
@@ -172,16 +191,54 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm, tmp_path):
 
 
 def test_sweep_array_runs_one_task_per_line(slurm, tmp_path):
-    (tmp_path / "logs").mkdir()
     sweep = tmp_path / "sweep.txt"
     sweep.write_text("# recipes x seeds\n--run 0 --output_dir runs/s0\n\n--run 1 --alpha 0.3 --output_dir runs/s1\n")
-    job_env = _job_env(tmp_path, slurm)
-    job = _run("sbatch", "--parsable", "--array=0-1", "--cpus-per-task=1", "--gpus-per-node=0", "--chdir",
-               str(tmp_path), str(REPO / "launch" / "slurm" / "sweep.sbatch"), str(sweep),
-               *FAST, "--max_steps", "2", "--batch_size", "4", env=job_env).stdout.strip().split(";")[0]
+    job = _submit(tmp_path, slurm, [str(sweep), *FAST, "--max_steps", "2", "--batch_size", "4"],
+                  template="sweep.sbatch", sbatch_args=("--array=0-1",))
     _wait_for_job(job, slurm)
     for seed, alpha in ((0, 0.5), (1, 0.3)):
         out = tmp_path / "runs" / f"s{seed}"
         config = json.loads((out / "config.json").read_text())
         assert (config["run"], config["alpha"]) == (seed, alpha)
         assert json.loads((out / "summary.json").read_text())["final_step"] == 2
+
+
+# A checkpoint that takes longer to save than torchrun's default 30 s between forwarding SIGTERM and SIGKILL;
+# the templates' shutdown timeout (270 s) must let it finish.
+SLOW_SAVE_S, SLOW_SAVE_STEPS = 40, 50
+SLOW_SAVE_ARGS = FAST + ["--max_steps", str(SLOW_SAVE_STEPS), "--batch_size", "4", "--save_steps", "1000"]
+
+
+def _assert_saved_slowly_requeued_and_resumed(out: Path, job: str, env: dict, log) -> None:
+    """The preempted run saved after the injected delay, the job requeued, and the new run resumed from that save."""
+    _wait_for_job(job, env)
+    saved = re.search(r"stop requested by a signal: saved step (\d+) in \S+ in (\d+) s", log())
+    assert saved, log()[-3000:]
+    step, seconds = int(saved[1]), int(saved[2])
+    assert seconds >= SLOW_SAVE_S and (out / "checkpoints" / f"step_{step}").is_dir(), log()[-3000:]
+    assert "requeueing" in log() and f"resumed from step {step} " in log(), log()[-3000:]
+    assert "forcefully exiting" not in log()  # torchrun's SIGKILL
+    assert json.loads((out / "summary.json").read_text())["final_step"] == SLOW_SAVE_STEPS
+
+
+def test_slow_save_on_preemption_finishes_with_two_processes_per_node(slurm, tmp_path):
+    # 2 nodes x 2 processes: each node's torchrun agent forwards SIGTERM and waits for its two trainers.
+    job = _submit(tmp_path, slurm, SLOW_SAVE_ARGS + ["--output_dir", "out"],
+                  extra_env={"GPUS_PER_NODE": "2", "MINDMIRROR_FAULT_SLOW_SAVE_S": str(SLOW_SAVE_S)})
+    log = functools.partial(_job_log, tmp_path, job)
+    _wait_for_losses(tmp_path / "out", 5, job, slurm, log)
+    _preempt_and_wait_for_restart(job, slurm, log)
+    _assert_saved_slowly_requeued_and_resumed(tmp_path / "out", job, slurm, log)
+    assert log().count("shutdown timeout 270 s") == 4  # the templates' default, on both nodes, in both runs
+
+
+def test_slow_save_on_preemption_finishes_in_a_one_process_sweep_task(slurm, tmp_path):
+    # One process: accelerate's simple launcher forwards no signal; the trainer must receive it itself.
+    sweep = tmp_path / "sweep.txt"
+    sweep.write_text("--run 0 --output_dir out\n")
+    job = _submit(tmp_path, slurm, [str(sweep), *SLOW_SAVE_ARGS], template="sweep.sbatch", sbatch_args=("--array=0",),
+                  extra_env={"MINDMIRROR_FAULT_SLOW_SAVE_S": str(SLOW_SAVE_S)})
+    log = functools.partial(_sweep_log, tmp_path, job)
+    _wait_for_losses(tmp_path / "out", 5, job, slurm, log)
+    _preempt_and_wait_for_restart(f"{job}_0", slurm, log)
+    _assert_saved_slowly_requeued_and_resumed(tmp_path / "out", job, slurm, log)

@@ -242,7 +242,8 @@ def test_structure_matches_the_real_sample(shipped_train_records):
             assert [len(e) for e in step["value_outputs_list"]] == [len(e) for e in sample_step["value_outputs_list"]]
             assert step["x"].startswith('"input":"') and sample_step["x"].startswith('"input":"')
             assert step["x"].endswith('"\n') and sample_step["x"].endswith('"\n')
-            sample_rows = [json.loads(line) for line in (SEED_SAMPLE / name / f"{name}_{split}.json").read_text().splitlines()]
+            prepared = SEED_SAMPLE / name / f"{name}_{split}.json"
+            sample_rows = [json.loads(line) for line in prepared.read_text().splitlines()]
             our_rows = jsonl(DATA / name / f"{name}_{split}.json.gz")
             assert {tuple(r) for r in our_rows} == {tuple(r) for r in sample_rows} == {("input", "label")}
             assert len(our_rows) == len(ours) * (25 if name == "svamp_tree2" else 1)

@@ -63,7 +63,8 @@ def test_baseline_writes_the_output_contract(baseline):
     assert [m["step"] for m in evals] == [3, 6]
     assert any(m.get("split") == "test" for m in read_metrics(baseline))
     for export in ("best", "final"):
-        assert (baseline / export / "model.safetensors").exists() and (baseline / export / "tokenizer_config.json").exists()
+        assert (baseline / export / "model.safetensors").exists()
+        assert (baseline / export / "tokenizer_config.json").exists()
     assert (baseline / "checkpoints" / "step_6" / "trainer_state.json").exists()
     assert (baseline / "predictions.jsonl").read_text().count("\n") == summary["rows"]["test"]
     assert any(p.name.startswith("events") for p in (baseline / "tb").rglob("*")) is False  # --report_to none
@@ -214,8 +215,8 @@ def test_nonfinite_loss_is_skipped_and_counted(tmp_path):
 
 
 def test_repeated_nonfinite_losses_stop_with_a_checkpoint(tmp_path):
-    proc = run_train(tmp_path, FAST + STEPS + ["--batch_size", "8", "--max_nonfinite_steps", "2", "--output_dir", "out"],
-                     env={"MINDMIRROR_FAULT_NAN_STEPS": "3,4"}, check=False)
+    flags = FAST + STEPS + ["--batch_size", "8", "--max_nonfinite_steps", "2", "--output_dir", "out"]
+    proc = run_train(tmp_path, flags, env={"MINDMIRROR_FAULT_NAN_STEPS": "3,4"}, check=False)
     assert proc.returncode != 0
     assert "2 non-finite steps in a row" in proc.stderr
     # Step 3 was skipped (no update) and step 4 stopped the run: the saved state is after step 3.

@@ -24,7 +24,8 @@ So we train BPE (``split_digits=True``, whitespace and the normalisation rule ``
 T5), then turn its vocabulary into a Unigram model: every piece gets the score ``log p`` of its
 frequency in the BPE segmentation of the corpus, pieces the segmentation never uses (intermediate
 merges) are dropped, all single characters are kept, and a constant
-``PIECE_PENALTY`` is subtracted from every score so that Viterbi prefers fewer pieces. ``spiece.model`` (Unigram) and the
+``PIECE_PENALTY`` is subtracted from every score so that Viterbi prefers fewer pieces. ``spiece.model``
+(Unigram) and the
 Hugging Face tokenizer then segment identically (checked in the tests), mostly in whole words.
 Every printable ASCII character is in the vocabulary, so no ASCII text maps to ``<unk>``.
 

@@ -30,16 +30,31 @@ ANLI_LABELS = ("entailment", "neutral", "contradiction")
 VERDICTS = ("uncertain", "wrong", "correct")  # checked in this order, as the original code does
 
 
+# Why a record's teacher text is unusable. Teacher LLM output is always messy, so records with these
+# problems are skipped (counted and listed) by default; any other problem is structural and stops the run.
+NO_ANSWER, NO_VERDICT, NO_EVALUATIONS, TOO_FEW_COTS = "no_answer", "no_verdict", "no_evaluations", "too_few_cots"
+MESSY_REASONS = (NO_ANSWER, NO_VERDICT, NO_EVALUATIONS, TOO_FEW_COTS)
+
+
 class DataError(ValueError):
     """A data file holds something the trainer cannot use.
 
     ``path`` and ``record`` (0-based index in the file, ``None`` for the whole file) say where.
+    ``reason`` is one of :data:`MESSY_REASONS` when the problem is messy teacher text (skippable by
+    default), else ``None``; ``excerpt`` is a short piece of the offending text.
     """
 
-    def __init__(self, path: str | Path, record: int | None, problem: str):
-        self.path, self.record, self.problem = str(path), record, problem
+    def __init__(self, path: str | Path, record: int | None, problem: str, reason: str | None = None,
+                 excerpt: str = ""):
+        self.path, self.record, self.problem, self.reason, self.excerpt = str(path), record, problem, reason, excerpt
         where = self.path if record is None else f"{self.path}: record {record}"
         super().__init__(f"{where}: {problem}")
+
+
+def excerpt(text: str, width: int = 160) -> str:
+    """A one-line piece of ``text`` short enough for a log: its start and its end (where truncation shows)."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else f"{flat[: width // 2 - 2]} ... {flat[-(width // 2 - 3):]}"
 
 
 # ---------------------------------------------------------------------------------------------

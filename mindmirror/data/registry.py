@@ -16,6 +16,7 @@ prefix), ``label`` (the answer task's target), ``rationale`` (the explain task's
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from mindmirror.data import formats
-from mindmirror.data.formats import DataError
+from mindmirror.data.formats import NO_ANSWER, NO_EVALUATIONS, NO_VERDICT, TOO_FEW_COTS, DataError
 
 MODEL_TYPES = ("standard", "task_prefix_tree1", "task_prefix_tree2")
 LABEL_TYPES = ("gt", "llm")
@@ -73,17 +74,51 @@ class TaskRow:
 
 
 @dataclass
+class Skip:
+    """A question left out of a split, and why (one line of ``skipped_records.jsonl``)."""
+
+    split: str
+    file: str
+    record: int | None
+    reason: str  # one of formats.MESSY_REASONS, or "bad_record" (skipped under --skip_bad_records)
+    problem: str
+    excerpt: str = ""
+
+    def __str__(self) -> str:
+        return str(DataError(self.file, self.record, self.problem))
+
+
+@dataclass
 class BuildReport:
     """What building the rows did: counts per split and the bad records that were skipped."""
 
     rows: dict[str, int] = field(default_factory=dict)
     questions: dict[str, int] = field(default_factory=dict)
-    skipped: list[str] = field(default_factory=list)
+    skipped: list[Skip] = field(default_factory=list)
+    cached: bool = False  # set by the loader when the tables came from the cache, not from parsing the files
+
+    def counts(self) -> dict:
+        """Skipped questions in all, by reason and by split (for ``summary.json``)."""
+        return {"total": len(self.skipped),
+                "by_reason": dict(sorted(collections.Counter(s.reason for s in self.skipped).items())),
+                "by_split": dict(collections.Counter(s.split for s in self.skipped))}
 
     def summary(self, name: str) -> str:
         parts = [f"{split} {self.rows[split]} rows ({self.questions[split]} questions)" for split in self.rows]
-        line = f"{name}: " + ", ".join(parts) + f"; skipped {len(self.skipped)} bad records"
-        return line + (f" (first: {self.skipped[0]})" if self.skipped else "")
+        line = f"{name}: " + ", ".join(parts)
+        if not self.skipped:
+            return line + "; no bad records"
+        reasons = ", ".join(f"{k} {v}" for k, v in self.counts()["by_reason"].items())
+        return line + f"; skipped {len(self.skipped)} questions with unusable teacher text ({reasons}; first: " \
+                      f"{self.skipped[0]})"
+
+    def to_dict(self) -> dict:
+        return {"rows": self.rows, "questions": self.questions,
+                "skipped": [dataclasses.asdict(s) for s in self.skipped]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "BuildReport":
+        return cls(d["rows"], d["questions"], [Skip(**s) for s in d["skipped"]])
 
 
 @dataclass
@@ -99,16 +134,23 @@ class _Question:
 
 
 class _Skipper:
-    """Raises a DataError, or records it and lets the caller drop the question."""
+    """Decides what a bad record does: stop the run (raise) or be recorded so the caller drops its question.
 
-    def __init__(self, skip: bool, report: BuildReport):
-        self.skip, self.report = skip, report
+    Default: messy teacher text (``error.reason`` set) is skipped, structural faults raise. ``strict``:
+    everything raises. ``skip_all`` (--skip_bad_records): every bad record is skipped.
+    """
 
-    def __call__(self, error: DataError) -> None:
-        if not self.skip:
+    def __init__(self, report: BuildReport, strict: bool, skip_all: bool):
+        self.report, self.strict, self.skip_all = report, strict, skip_all
+
+    def __call__(self, error: DataError, split: str) -> None:
+        if self.strict:
+            raise DataError(error.path, error.record, error.problem + " (--strict_data stops at the first bad record)")
+        if error.reason is None and not self.skip_all:
             raise DataError(error.path, error.record,
                             error.problem + " (pass --skip_bad_records to skip such records and count them)")
-        self.report.skipped.append(str(error))
+        self.report.skipped.append(Skip(split, error.path, error.record, error.reason or "bad_record",
+                                        error.problem, error.excerpt))
 
 
 def _load_questions(spec: DatasetSpec, data_dir: Path, split: str, eos_token: str) -> list[_Question]:
@@ -123,23 +165,9 @@ def _load_questions(spec: DatasetSpec, data_dir: Path, split: str, eos_token: st
         _check_tree2_jsonl(spec.gt_path(data_dir, split), teacher)
         return [_Question(t.question or "", "", t.source, t.record, t) for t in teacher]
 
-    path = formats.resolve(spec.gt_path(data_dir, split)) or spec.gt_path(data_dir, split)
-    if spec.name == "svamp":
-        problems = formats.read_json(path)
-        if not isinstance(problems, list):
-            raise DataError(path, None, "expected a JSON list of SVAMP problems")
-        order = formats.svamp_split(problems)[split]
-        questions = [_Question(*formats.gt_example(problems[i], "svamp", path, i), str(path), i) for i in order]
-    else:
-        errors: list[DataError] = []
-        questions = []
-        for i, obj in enumerate(formats.read_jsonl(path, on_error=errors.append)):
-            try:
-                if obj is None:
-                    raise errors.pop(0)
-                questions.append(_Question(*formats.gt_example(obj, spec.family, path, i, eos_token), str(path), i))
-            except DataError as e:
-                questions.append(_Question("", "", str(path), i, error=e))
+    path, entries = read_ground_truth(spec, data_dir, split, eos_token)
+    questions = [_Question("", "", str(path), e.record, error=e) if isinstance(e, DataError)
+                 else _Question(e[1], e[2], str(path), e[0]) for e in entries]
     if files and len(teacher) != len(questions):
         raise DataError(spec.llm_dir(data_dir), None,
                         f"the {split} chunk files ({', '.join(p.name for p in files)}) hold {len(teacher)} "
@@ -150,22 +178,53 @@ def _load_questions(spec: DatasetSpec, data_dir: Path, split: str, eos_token: st
     return questions
 
 
+def read_ground_truth(spec: DatasetSpec, data_dir: Path, split: str,
+                      eos_token: str = "</s>") -> tuple[Path, list[tuple[int, str, str] | DataError]]:
+    """The ground-truth questions of ``split`` in the order its teacher files follow: ``(record, input, label)``
+    for each, or the :class:`DataError` of a broken record, kept in its place so that positions stay aligned
+    with the teacher files. Returns the file read too."""
+    path = formats.resolve(spec.gt_path(data_dir, split)) or spec.gt_path(data_dir, split)
+    if spec.name == "svamp":
+        problems = formats.read_json(path)
+        if not isinstance(problems, list):
+            raise DataError(path, None, "expected a JSON list of SVAMP problems")
+        return path, [(i, *formats.gt_example(problems[i], "svamp", path, i))
+                      for i in formats.svamp_split(problems)[split]]
+    errors: list[DataError] = []
+    entries: list[tuple[int, str, str] | DataError] = []
+    for i, obj in enumerate(formats.read_jsonl(path, on_error=errors.append)):
+        try:
+            if obj is None:
+                raise errors.pop(0)
+            entries.append((i, *formats.gt_example(obj, spec.family, path, i, eos_token)))
+        except DataError as e:
+            entries.append(e)
+    return path, entries
+
+
 def _check_tree2_jsonl(path: Path, teacher: list[formats.TeacherRecord]) -> None:
     """A tree2 dataset's prepared jsonl must list the teacher's (CoT, verdict) pairs in order.
 
-    The original code wrote it skipping evaluations without a verdict, so those are skipped here too.
+    The original code wrote it leaving out evaluations without a verdict; other tools write a row for
+    every evaluation. Both are accepted (told apart by the row count). A verdict-less evaluation is not a
+    fault of the prepared file: the question it belongs to is reported against the teacher file and
+    skipped when the rows are built.
     """
     found = formats.resolve(path)
     if found is None:
         return
-    expected = [(cot, parsed[1]) for t in teacher for cot, evals in zip(t.cots, t.evaluations)
-                for parsed in map(formats.evaluation_verdict, evals) if parsed is not None]
+    pairs = [(cot, (formats.evaluation_verdict(e) or (None, None))[1])
+             for t in teacher for cot, evals in zip(t.cots, t.evaluations) for e in evals]
+    with_verdict = [(cot, v) for cot, v in pairs if v is not None]
     prepared = formats.read_jsonl(found)
-    if len(prepared) != len(expected):
+    if len(prepared) not in (len(with_verdict), len(pairs)):
         raise DataError(found, None, f"holds {len(prepared)} (CoT, verdict) rows, but the teacher files give "
-                                     f"{len(expected)}: the files are out of step")
+                                     f"{len(with_verdict)} evaluations with a verdict ({len(pairs)} in all): the "
+                                     "files are out of step")
+    expected = with_verdict if len(prepared) == len(with_verdict) else pairs
     for i, (obj, (cot, verdict)) in enumerate(zip(prepared, expected)):
-        if str(obj.get("input", "")).strip() != cot.strip() or str(obj.get("label", "")).strip() != verdict:
+        if str(obj.get("input", "")).strip() != cot.strip() or \
+                (verdict is not None and str(obj.get("label", "")).strip() != verdict):
             raise DataError(found, i, "does not match the teacher file's CoT and verdict at this position")
 
 
@@ -184,23 +243,26 @@ def _tree_rows(q: _Question, family: str, model_type: str, label_type: str, bran
     _check_order(q)
     if len(t.cots) < branches:
         raise DataError(t.source, t.record, f"has {len(t.cots)} CoTs, fewer than the {branches} requested "
-                                            "(--num_train_branches)")
+                                            "(--num_train_branches)", TOO_FEW_COTS)
     rows = []
     for b in range(branches):
         cot = t.cots[b]
         if model_type == "task_prefix_tree2":
             if b >= len(t.evaluations) or not t.evaluations[b]:
-                raise DataError(t.source, t.record, f"CoT {b} has no self-evaluations")
+                raise DataError(t.source, t.record, f"CoT {b} has no self-evaluations", NO_EVALUATIONS,
+                                formats.excerpt(cot))
             for e, evaluation in enumerate(t.evaluations[b]):
                 parsed = formats.evaluation_verdict(evaluation)
                 if parsed is None:
                     raise DataError(t.source, t.record, f"evaluation {e} of CoT {b} has no verdict "
-                                                        "('given answer is correct/wrong/uncertain')")
+                                                        "('given answer is correct/wrong/uncertain')", NO_VERDICT,
+                                    formats.excerpt(evaluation))
                 rows.append(TaskRow(cot, parsed[1], parsed[0], b, t.source, t.record))
             continue
         rationale, answer = formats.tree_cot_rationale(cot, family), formats.tree_cot_answer(cot, family)
         if rationale is None or answer is None:
-            raise DataError(t.source, t.record, f"CoT {b} has no parsable answer ('the answer is ...')")
+            raise DataError(t.source, t.record, f"CoT {b} has no parsable answer ('the answer is ...')", NO_ANSWER,
+                            formats.excerpt(cot))
         rows.append(TaskRow(q.input, q.gold if label_type == "gt" else answer, rationale, b, t.source, t.record))
     return rows
 
@@ -215,7 +277,8 @@ def _train_rows(q: _Question, spec: DatasetSpec, model_type: str, label_type: st
     source, index, text = q.teacher
     parsed = formats.dss_cot(text, spec.family)
     if parsed is None:
-        raise DataError(source, index, "CoT has no parsable answer ('The answer is (...)' / 'So the answer is')")
+        raise DataError(source, index, "CoT has no parsable answer ('The answer is (...)' / 'So the answer is')",
+                        NO_ANSWER, formats.excerpt(text))
     return [TaskRow(q.input, q.gold if label_type == "gt" else parsed[1], parsed[0], 0, source, index)]
 
 
@@ -248,12 +311,19 @@ def validate_choice(model_type: str, label_type: str, spec: DatasetSpec, branche
 def build_task_rows(dataset: str, data_dir: str | Path | None = None, *, model_type: str = "task_prefix_tree1",
                     label_type: str = "gt", num_train_branches: int = 1, valid_fraction: float = 0.1,
                     subsample: float = 1.0, seed: int = 0, skip_bad_records: bool = False,
+                    strict_data: bool = False, max_bad_fraction: float = 0.05,
                     eos_token: str = "</s>") -> tuple[dict[str, list[TaskRow]], BuildReport]:
     """Read a dataset's files and return task rows for ``train``, ``valid`` and ``test``.
 
     The validation split is carved from the training questions with a fixed seed (0), before
     branches are expanded, so no question is in both; datasets with their own validation split
     use it. ``subsample`` keeps that fraction of the remaining training questions (seed ``seed``).
+
+    Bad records: a question whose teacher text cannot be parsed (no answer, no verdict, fewer CoTs than
+    asked) is skipped whole and listed in the report, unless more than ``max_bad_fraction`` of a split's
+    questions are (then the files are probably in another format: :class:`DataError`). Structural faults
+    stop with a :class:`DataError`. ``strict_data`` stops at the first bad record of any kind;
+    ``skip_bad_records`` skips every bad record, with no threshold.
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(sorted(DATASETS))}")
@@ -275,8 +345,10 @@ def build_task_rows(dataset: str, data_dir: str | Path | None = None, *, model_t
         keep = sorted(keep[: max(1, int(round(subsample * len(keep))))])
         splits["train"] = [splits["train"][i] for i in keep]
 
+    if spec.layout == "tree" and not (model_type == "standard" and label_type == "gt"):
+        _check_branches_written(splits["train"], num_train_branches)
     report = BuildReport()
-    skipper = _Skipper(skip_bad_records, report)
+    skipper = _Skipper(report, strict=strict_data, skip_all=skip_bad_records)
     out: dict[str, list[TaskRow]] = {}
     for split in ("train", "valid", "test"):
         rows, questions = [], 0
@@ -287,15 +359,38 @@ def build_task_rows(dataset: str, data_dir: str | Path | None = None, *, model_t
                 rows_q = (_train_rows(q, spec, model_type, label_type, num_train_branches) if split == "train"
                           else _eval_rows(q, spec, model_type))
             except DataError as e:
-                skipper(e)
+                skipper(e, split)
                 continue
             rows.extend(rows_q)
             questions += 1
         out[split] = rows
         report.rows[split], report.questions[split] = len(rows), questions
+        if not skip_bad_records:
+            _check_bad_fraction(report, split, len(splits[split]), max_bad_fraction, data_dir / spec.name)
         if not rows:
             raise DataError(data_dir / spec.name, None, f"the {split} split has no usable rows")
     return out, report
+
+
+def _check_branches_written(questions: list[_Question], branches: int) -> None:
+    """Asking for more CoTs than the teacher wrote for any question is a wrong flag, not messy data."""
+    written = [len(q.teacher.cots) for q in questions if isinstance(q.teacher, formats.TeacherRecord)]
+    if written and max(written) < branches:
+        raise DataError(questions[0].teacher.source, None,
+                        f"the teacher files hold at most {max(written)} CoTs per question, but "
+                        f"--num_train_branches asks for {branches}")
+
+
+def _check_bad_fraction(report: BuildReport, split: str, total: int, limit: float, where: Path) -> None:
+    """Stop when a split is mostly bad: a wrong file or format, not a few messy generations."""
+    bad = [s for s in report.skipped if s.split == split]
+    if total and len(bad) / total > limit:
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(collections.Counter(s.reason for s in bad).items()))
+        raise DataError(where, None,
+                        f"{len(bad)} of the {total} questions of the {split} split ({len(bad) / total:.1%}) have "
+                        f"unusable teacher text ({reasons}), more than --max_bad_fraction {limit:g}: are these "
+                        f"files in the format of this dataset? First: {bad[0]}. To train on the rest anyway, "
+                        "raise --max_bad_fraction (or pass --skip_bad_records)")
 
 
 def row_dicts(rows: list[TaskRow]) -> dict[str, list]:

@@ -449,9 +449,11 @@ def _t_sub_add(c: _Ctx) -> dict:
 
 def _t_mul_add(c: _Ctx) -> dict:
     a, b, d = c.n(2, 9), c.n(2, 20), c.n(2, 60)
-    return _p(f"{c.n1} bought {a} {c.boxes} of {c.obj} with {b} {c.obj} in each {c.box}. {c.He} already had {d} {c.obj}.",
+    return _p(f"{c.n1} bought {a} {c.boxes} of {c.obj} with {b} {c.obj} in each {c.box}. "
+              f"{c.He} already had {d} {c.obj}.",
               f"How many {c.obj} does {c.n1} have now?", ("+", ("*", a, b), d),
-              f"{c.n1} bought {a} {c.boxes} of {b} {c.obj} and had {d}.", f"the number of {c.obj} {c.he} has now", c.obj)
+              f"{c.n1} bought {a} {c.boxes} of {b} {c.obj} and had {d}.",
+              f"the number of {c.obj} {c.he} has now", c.obj)
 
 
 def _t_mul_sub(c: _Ctx) -> dict:
@@ -466,7 +468,8 @@ def _t_div_add(c: _Ctx) -> dict:
     b = c.n(2, 9)
     q = c.n(2, 99 // b)
     d = c.n(2, 40)
-    return _p(f"{c.n1} shared {q * b} {c.obj} equally among {b} friends. {c.n2} is one of them and already had {d} {c.obj}.",
+    return _p(f"{c.n1} shared {q * b} {c.obj} equally among {b} friends. "
+              f"{c.n2} is one of them and already had {d} {c.obj}.",
               f"How many {c.obj} does {c.n2} have now?", ("+", ("/", q * b, b), d),
               f"Each of {b} friends gets a share of {q * b} {c.obj} and {c.n2} had {d}.",
               f"the number of {c.obj} {c.n2} has now", c.obj)
@@ -478,21 +481,24 @@ def _t_div_sub(c: _Ctx) -> dict:
     d = c.n(1, q - 1)
     return _p(f"{c.n1} baked {q * b} cookies and put them equally into {b} bags. {c.He} ate {d} cookies from one bag.",
               "How many cookies are left in that bag?", ("-", ("/", q * b, b), d),
-              f"{c.n1} put {q * b} cookies into {b} bags and ate {d} from one.", "the cookies left in that bag", "cookies")
+              f"{c.n1} put {q * b} cookies into {b} bags and ate {d} from one.",
+              "the cookies left in that bag", "cookies")
 
 
 def _t_add_mul(c: _Ctx) -> dict:
     a, b, d = c.n(2, 20), c.n(2, 20), c.n(2, 9)
     return _p(f"For each party {c.n1} buys {a} red balloons and {b} blue balloons. {c.He} is planning {d} parties.",
               f"How many balloons does {c.n1} buy?", ("*", ("+", a, b), d),
-              f"{c.n1} buys {a} red and {b} blue balloons for each of {d} parties.", "the number of balloons", "balloons")
+              f"{c.n1} buys {a} red and {b} blue balloons for each of {d} parties.",
+              "the number of balloons", "balloons")
 
 
 def _t_sub_mul(c: _Ctx) -> dict:
     a = c.n(5, 40)
     b = c.n(1, a - 1)
     d = c.n(2, 9)
-    return _p(f"A {c.item} costs {a} dollars and {c.n1} has a coupon for {b} dollars off each {c.item}. {c.He} buys {d} {c.items}.",
+    return _p(f"A {c.item} costs {a} dollars and {c.n1} has a coupon for {b} dollars off each {c.item}. "
+              f"{c.He} buys {d} {c.items}.",
               f"How much does {c.n1} pay?", ("*", ("-", a, b), d),
               f"Each {c.item} costs {a} minus {b} dollars and {c.n1} buys {d}.", "the total cost", "dollars")
 
@@ -514,7 +520,8 @@ def _t_sub_div(c: _Ctx) -> dict:
     a = rest + b
     return _p(f"{c.n1} had {a} cards. {c.He} kept {b} cards and shared the rest equally among {d} friends.",
               "How many cards did each friend get?", ("/", ("-", a, b), d),
-              f"{c.n1} had {a} cards, kept {b} and shared the rest among {d} friends.", "the cards each friend got", "cards")
+              f"{c.n1} had {a} cards, kept {b} and shared the rest among {d} friends.",
+              "the cards each friend got", "cards")
 
 
 def _t_mul_mul(c: _Ctx) -> dict:
@@ -541,7 +548,8 @@ def _t_change(c: _Ctx) -> dict:
 
 def _t_two_days_read(c: _Ctx) -> dict:
     a, b, d = c.n(2, 40), c.n(2, 40), c.n(2, 9)
-    return _p(f"{c.n1} read {a} pages on Monday and {b} pages on Tuesday. {c.He} read the same each week for {d} weeks.",
+    return _p(f"{c.n1} read {a} pages on Monday and {b} pages on Tuesday. "
+              f"{c.He} read the same each week for {d} weeks.",
               f"How many pages did {c.n1} read?", ("*", ("+", a, b), d),
               f"{c.n1} read {a} and {b} pages a week for {d} weeks.", "the number of pages", "pages")
 

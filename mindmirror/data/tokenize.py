@@ -46,7 +46,7 @@ def cache_key(rows: list[TaskRow], tokenizer, with_rationale: bool, max_input_le
 
 
 def tokenize_rows(rows: list[TaskRow], tokenizer, *, with_rationale: bool, max_input_length: int,
-                  max_target_length: int = 256, cache_dir: str | Path | None = None):
+                  max_target_length: int = 256, cache_dir: str | Path | None = None, num_proc: int = 1):
     """Tokenize rows into a ``datasets.Dataset`` with ``input_ids`` and ``labels`` (and, with
     rationales, ``expl_input_ids`` and ``rationale_ids``), reusing the on-disk cache when the key matches.
 
@@ -74,5 +74,7 @@ def tokenize_rows(rows: list[TaskRow], tokenizer, *, with_rationale: bool, max_i
         return out
 
     table = Dataset.from_dict(row_dicts(rows))
+    if num_proc > 1:  # the workers are forked: keep the tokenizer's own threads out of them
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
     return table.map(encode, batched=True, batch_size=1000, cache_file_name=str(cache_dir / f"tok-{key}.arrow"),
-                     load_from_cache_file=True, desc="tokenizing")
+                     load_from_cache_file=True, desc="tokenizing", num_proc=num_proc if num_proc > 1 else None)

@@ -1,0 +1,110 @@
+"""From a run's flags to the tokenized tables it trains and evaluates on: built once, memory-mapped everywhere.
+
+The first time a data set is used with given flags, the main process parses the teacher files, builds the
+task rows (:mod:`mindmirror.data.registry`), tokenizes them in parallel (:mod:`mindmirror.data.tokenize`) and
+records what it built in a small manifest in the cache. Every later load, and every other rank, finds the
+manifest by a key over the data files' names, sizes and modification times, the flags that shape the rows
+and the tokenizer, and memory-maps the Arrow files: no rank parses JSON or holds a Python copy of the rows,
+and the ranks of one node share the mapped pages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mindmirror.data.registry import BUNDLED_DATA_DIR, DATASETS, BuildReport, build_task_rows
+from mindmirror.data.tokenize import default_cache_dir, tokenize_rows, tokenizer_fingerprint
+
+MANIFEST_VERSION = 1
+TOKEN_COLUMNS = ("input_ids", "labels", "expl_input_ids", "rationale_ids")
+PARALLEL_FROM_ROWS = 20_000  # below this, starting tokenizer worker processes costs more than it saves
+
+
+def _files_fingerprint(folder: Path) -> list:
+    """Name, size and modification time of every file under ``folder``: a changed file changes the key."""
+    return [[str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns]
+            for p in sorted(folder.rglob("*")) if p.is_file()]
+
+
+def build_key(cfg, tokenizer) -> str:
+    """The cache key of a run's tables: data files, the flags that shape the rows, the tokenizer, the lengths."""
+    data_dir = Path(cfg.data_dir) if cfg.data_dir else BUNDLED_DATA_DIR
+    fields = {k: getattr(cfg, k) for k in ("dataset", "model_type", "label_type", "num_train_branches",
+                                           "valid_fraction", "subsample", "run", "skip_bad_records", "strict_data",
+                                           "max_bad_fraction", "max_input_length", "max_target_length")}
+    h = hashlib.sha256(json.dumps([MANIFEST_VERSION, str(data_dir.resolve()), fields, tokenizer.eos_token,
+                                   tokenizer_fingerprint(tokenizer),
+                                   _files_fingerprint(data_dir / DATASETS[cfg.dataset].name)]).encode())
+    return h.hexdigest()[:24]
+
+
+def _open_tables(manifest: dict, splits) -> dict | None:
+    """Memory-map the Arrow files a manifest lists, or ``None`` when any is missing."""
+    from datasets import Dataset, concatenate_datasets
+
+    files = manifest.get("files", {})
+    if not all(split in files and all(Path(f).is_file() for f in files[split]) for split in splits):
+        return None
+    return {split: concatenate_datasets([Dataset.from_file(f) for f in files[split]]) for split in splits}
+
+
+def _build(cfg, tokenizer, splits, cache_dir: Path, manifest_path: Path, known: dict) -> tuple[dict, BuildReport]:
+    """Parse, build and tokenize (the cold path); write the manifest that later loads map."""
+    rows, report = build_task_rows(cfg.dataset, cfg.data_dir or None, model_type=cfg.model_type,
+                                   label_type=cfg.label_type, num_train_branches=cfg.num_train_branches,
+                                   valid_fraction=cfg.valid_fraction, subsample=cfg.subsample, seed=cfg.run,
+                                   skip_bad_records=cfg.skip_bad_records, strict_data=cfg.strict_data,
+                                   max_bad_fraction=cfg.max_bad_fraction, eos_token=tokenizer.eos_token)
+    workers = cfg.preprocessing_num_workers or (min(8, os.cpu_count() or 1) if len(rows["train"]) >= PARALLEL_FROM_ROWS
+                                                else 1)
+    tables = {split: tokenize_rows(rows[split], tokenizer, with_rationale=cfg.model_type != "standard",
+                                   max_input_length=cfg.max_input_length, max_target_length=cfg.max_target_length,
+                                   cache_dir=cache_dir, num_proc=workers if split == "train" else 1)
+              for split in splits}
+    files = known | {s: [f["filename"] for f in t.cache_files] for s, t in tables.items()}
+    manifest = {"report": report.to_dict(), "files": files}
+    tmp = manifest_path.with_name(manifest_path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(manifest))
+    os.replace(tmp, manifest_path)  # atomic: a reader never sees half a manifest
+    return tables, report
+
+
+def load_data(cfg, tokenizer, accelerator=None, splits=("train", "valid", "test"),
+              limits: dict[str, int] | None = None) -> tuple[dict, BuildReport]:
+    """The tokenized tables of ``splits`` (``datasets.Dataset``, memory-mapped) and the build report.
+
+    Each table holds the task rows' text columns (``input``, ``label``, ``rationale``, ``branch``, ``source``,
+    ``record``) and their token ids. ``limits`` caps a split at its first N rows (0: all). Under several
+    processes the main process builds first; the others then map what it wrote.
+    """
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    with accelerator.main_process_first() if accelerator else contextlib.nullcontext():
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        manifest_path = cache_dir / f"build-{build_key(cfg, tokenizer)}.json"
+        manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+        tables = _open_tables(manifest, splits) if manifest else None
+        if tables is None:
+            tables, report = _build(cfg, tokenizer, splits, cache_dir, manifest_path, manifest.get("files", {}))
+        else:
+            report = BuildReport.from_dict(manifest["report"])
+            report.cached = True
+    for split, limit in (limits or {}).items():
+        if limit and split in tables and limit < len(tables[split]):
+            tables[split] = tables[split].select(range(limit))
+    return tables, report
+
+
+def token_lengths(table) -> dict[str, np.ndarray]:
+    """Length of every row's token lists, per token column, read from Arrow without building Python lists."""
+    import pyarrow.compute as pc
+
+    if table._indices is not None:
+        table = table.flatten_indices()
+    return {c: pc.list_value_length(table.data.column(c)).to_numpy(zero_copy_only=False).astype(np.int64)
+            for c in TOKEN_COLUMNS if c in table.column_names}
