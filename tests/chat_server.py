@@ -1,0 +1,207 @@
+"""A chat-completions server for the teacher tests: real HTTP on 127.0.0.1, scripted replies and faults.
+
+It answers ``POST /v1/chat/completions`` like an OpenAI-compatible server. Replies are a pure
+function of the request: the server finds which known question the prompt is about, and answers a
+"sample" prompt with CoTs ``"... (way j of n) ... <answer sentence>"`` (every third CoT wrong) and
+a "value" prompt (recognised by its ``Given answer:`` line) with self-evaluations whose verdicts
+mostly fit the judged CoT. ``plan(info, attempt)`` scripts faults per request and attempt: ``ok``,
+``("429", seconds)``, ``500``, ``hang``, ``drop`` (connection closed without a reply), ``truncate``
+(the body cut short), ``offformat`` (choice 0 cut before its answer or verdict, finish_reason
+``length``), ``fewer`` (two choices only), ``401echo`` (refuses the key and echoes the header).
+
+It counts attempts and completed replies by a hash of the request body, so a test can say that no
+completed request was sent twice. ``hold_after(k)`` makes every request after ``k`` completed
+replies wait, unanswered, until :meth:`release` (then the connection is closed without a reply).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from collections import Counter
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from mindmirror.data.formats import ANLI_LABELS
+from mindmirror.selfeval import answer_sentence
+
+WAY = re.compile(r"way (\d+) of (\d+)")
+
+
+def wrong_label(gold: str, family: str) -> str:
+    if family == "svamp":
+        return "( 1.0 + 2.0 )"
+    if family == "anli1":
+        return ANLI_LABELS[(ANLI_LABELS.index(gold) + 1) % 3]
+    return "nothing at all"
+
+
+class ChatServer:
+    """The server, started in a thread; ``url`` is its ``/v1`` root."""
+
+    def __init__(self, questions: dict[str, str], family: str, api_key: str | None = None):
+        self.questions = list(questions.items())  # (input, gold label)
+        self.family, self.api_key = family, api_key
+        self.plan = lambda info, attempt: "ok"
+        self.hang_s = 5.0
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self._release = threading.Event()
+        self._hold_after: int | None = None
+        self.reset()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.chat = self
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def reset(self) -> None:
+        """Forget the counts (between runs that should be compared, not added up)."""
+        with self.lock:
+            self.attempts: Counter = Counter()
+            self.completed: Counter = Counter()
+            self.times: dict[str, list[float]] = {}
+            self.info: dict[str, dict] = {}
+            self.unauthorized = 0
+            self.active = 0  # requests being answered now (held ones not counted)
+
+    def hold_after(self, k: int | None) -> None:
+        self._hold_after = k
+        self._release.clear()
+
+    def release(self) -> None:
+        self._hold_after = None
+        self._release.set()
+
+    def close(self) -> None:
+        self.stop.set()
+        self._release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def attempts_of(self, **match) -> list[int]:
+        """Attempt counts of the requests whose info has these values (e.g. question=3, kind="sample")."""
+        return [self.attempts[k] for k, info in self.info.items() if all(info.get(f) == v for f, v in match.items())]
+
+    # -- replies ---------------------------------------------------------------------------------
+
+    def describe(self, body: dict) -> dict:
+        """Which question, which kind of call and (for a value call) which CoT a request is about."""
+        text = "\n".join(m["content"] for m in body["messages"])
+        kind = "value" if WAY.search(text) else "sample"  # only a judged CoT holds "way j of n"
+        for qi, (question, gold) in enumerate(self.questions):
+            parts = question.split("</s>") if self.family == "anli1" else [question]
+            if all(p.strip() in text for p in parts):
+                way = WAY.search(text) if kind == "value" else None
+                return {"question": qi, "kind": kind, "n": body.get("n", 1),
+                        "way": [int(way.group(1)), int(way.group(2))] if way else None}
+        raise KeyError("the prompt holds none of the server's questions")
+
+    def choices(self, info: dict) -> list[str]:
+        question, gold = self.questions[info["question"]]
+        n, qi = info["n"], info["question"]
+        if info["kind"] == "sample":
+            out = []
+            for j in range(n):
+                right = (qi + j) % 3 != 2
+                label = gold if right else wrong_label(gold, self.family)
+                out.append(f"Reading the question carefully (way {j} of {n}), the steps lead to one result. "
+                           f"{answer_sentence(label, self.family)}")
+            return out
+        j, of = info["way"]
+        right = (qi + j) % 3 != 2
+        out = []
+        for k in range(n):
+            verdict = ("correct" if k != 3 else "uncertain") if right else ("wrong" if k != 4 else "correct")
+            out.append(f"Evaluation:\n\nThe given answer (way {j} of {of}) is checked step by step, check {k}."
+                       f"\n\nEvaluation result: the given answer is {verdict}.")
+        return out
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # quiet
+        pass
+
+    def _send(self, status: int, payload: dict, headers: dict | None = None, cut: bool = False) -> bool:
+        data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data[: len(data) // 2] if cut else data)
+        self.wfile.flush()
+        if cut:
+            self.close_connection = True
+        return not cut
+
+    def do_POST(self):
+        chat: ChatServer = self.server.chat
+        with chat.lock:
+            chat.active += 1
+        try:
+            self._answer(chat)
+        finally:
+            with chat.lock:
+                chat.active -= 1
+
+    def _answer(self, chat: ChatServer) -> None:
+        raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        body = json.loads(raw)
+        key = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        info = chat.describe(body)
+        with chat.lock:
+            attempt = chat.attempts[key]
+            chat.attempts[key] += 1
+            chat.times.setdefault(key, []).append(time.monotonic())
+            chat.info[key] = info
+            hold = chat._hold_after is not None and sum(chat.completed.values()) >= chat._hold_after
+        if hold:
+            with chat.lock:
+                chat.active -= 1
+            chat._release.wait(30)
+            with chat.lock:
+                chat.active += 1
+            self.close_connection = True
+            return
+        if chat.api_key is not None and self.headers.get("Authorization") != f"Bearer {chat.api_key}":
+            with chat.lock:
+                chat.unauthorized += 1
+        action = chat.plan(info, attempt)
+        code = action[0] if isinstance(action, tuple) else action
+        if code == "401echo":
+            self._send(401, {"error": {"message": f"invalid key in header {self.headers.get('Authorization')}"}})
+            return
+        if code == "429":
+            self._send(429, {"error": {"message": "rate limited"}}, {"Retry-After": str(action[1])})
+            return
+        if code == "500":
+            self._send(500, {"error": {"message": "internal error"}})
+            return
+        if code == "hang":
+            chat.stop.wait(chat.hang_s)
+            self.close_connection = True
+            return
+        if code == "drop":
+            self.close_connection = True
+            return
+        texts = chat.choices(info)
+        finish = ["stop"] * len(texts)
+        if code == "fewer":
+            texts, finish = texts[:2], finish[:2]
+        if code == "offformat":
+            texts[0], finish[0] = texts[0][: texts[0].index("step")], "length"
+        payload = {"id": "chatcmpl-test", "object": "chat.completion", "model": body["model"],
+                   "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f}
+                               for i, (t, f) in enumerate(zip(texts, finish))],
+                   "usage": {"prompt_tokens": sum(len(m["content"]) for m in body["messages"]) // 4,
+                             "completion_tokens": sum(len(t) for t in texts) // 4}}
+        if self._send(200, payload, cut=code == "truncate"):
+            with chat.lock:
+                chat.completed[key] += 1
