@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 
@@ -25,7 +26,25 @@ def train_main(argv: list[str] | None = None) -> int:
 
         train(parse_args(argv))
 
-    return _run(parse_and_train, argv)
+    try:
+        code = _run(parse_and_train, argv)
+    except SystemExit as e:  # a preempted run exits with its own code once its checkpoint is saved
+        code = e.code if isinstance(e.code, int) else 1
+    if os.environ.get("LOCAL_RANK") is not None:  # a launched process: every output is written and closed
+        _leave(code)
+    return code
+
+
+def _leave(code: int) -> None:
+    """Exit without the interpreter's teardown. The C++ threads of gloo and DeepSpeed's CPU communication ops
+    can abort a finished multi-process run while static objects are destroyed ("terminate called without an
+    active exception", SIGABRT), turning a saved, complete run into a failed one."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def eval_main(argv: list[str] | None = None) -> int:
