@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mindmirror import runfiles
 from mindmirror.collate import grouping_lengths, step_batches
 from mindmirror.data.loader import token_lengths
 
@@ -85,7 +86,7 @@ def run_mindmirror(args, extra: list[str], workdir: Path) -> dict:
     t0 = time.time()
     train(cfg)
     wall = time.time() - t0
-    records = [json.loads(line) for line in (workdir / "out" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (workdir / "out" / runfiles.METRICS).read_text().splitlines()]
     steps = [r for r in records if "samples_per_s" in r]
     step_times = [args.batch_size / r["samples_per_s"] for r in steps]  # logging_steps 1: one step per record
     return {"step_times": step_times, "wall_s": wall, "final_loss": steps[-1]["loss"]}

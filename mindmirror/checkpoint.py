@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from mindmirror import elastic
+from mindmirror.runfiles import BEST, CHECKPOINTS, EXPORT_INFO
 
 log = logging.getLogger(__name__)
 STATE_FILE, MANIFEST = "trainer_state.json", "manifest.json"
@@ -161,7 +162,7 @@ def resume(accelerator, out: Path, layout: elastic.Layout, model, optimizer, sch
     """
     from accelerate.utils import broadcast_object_list
 
-    root = out / "checkpoints"
+    root = out / CHECKPOINTS
     names = broadcast_object_list([[p.name for p in list_checkpoints(root)] if accelerator.is_main_process
                                    else None])[0]
     views = _gather(accelerator, {name: checkpoint_problem(root / name) for name in names})
@@ -188,7 +189,7 @@ def resume(accelerator, out: Path, layout: elastic.Layout, model, optimizer, sch
                         "; trying the previous one" if name != names[0] else "")
     if names:
         raise _cannot_resume(root, root / names[-1], problems[names[-1]], layout, len(names))
-    best = out / "best" / "mindmirror.json"
+    best = out / BEST / EXPORT_INFO
     if best.is_file():
         earlier = json.loads(best.read_text())
         log.info(f"--resume: no checkpoint yet, starting from scratch; best/ (step {earlier['step']}, valid accuracy "
@@ -205,8 +206,8 @@ def refuse_to_overwrite(accelerator, out: Path) -> None:
 
     found = None
     if accelerator.is_main_process:
-        found = [str(p.relative_to(out)) for p in list_checkpoints(out / "checkpoints")]
-        found += ["best/"] if (out / "best").exists() else []
+        found = [str(p.relative_to(out)) for p in list_checkpoints(out / CHECKPOINTS)]
+        found += [f"{BEST}/"] if (out / BEST).exists() else []
     found = broadcast_object_list([found])[0]
     if found:
         raise ValueError(f"{out} already holds an earlier run's {', '.join(found)}: pass --resume to continue "
@@ -231,9 +232,20 @@ def export_model(accelerator, model, tokenizer, folder: Path, extra: dict | None
         for tied in getattr(t5, "all_tied_weights_keys", {}):  # copies of `shared`, restored on load
             t5_state.pop(tied, None)
         t5.save_pretrained(tmp, state_dict=t5_state, safe_serialization=True)
+        say_what_is_tied(tmp / "config.json", t5)
         tokenizer.save_pretrained(tmp)
         if extra:
-            (tmp / "mindmirror.json").write_text(json.dumps(extra, indent=2))
+            (tmp / EXPORT_INFO).write_text(json.dumps(extra, indent=2))
         shutil.rmtree(folder, ignore_errors=True)
         os.replace(tmp, folder)
     accelerator.wait_for_everyone()
+
+
+def say_what_is_tied(config_file: Path, t5) -> None:
+    """Make the export's config say whether ``lm_head`` is tied to the embedding. transformers 5 writes
+    ``tie_word_embeddings: true`` for every T5 (and keeps the real behaviour in ``scale_decoder_outputs``),
+    so a t5-v1_1 export, whose head is its own, would claim a tie its weights do not have."""
+    head, shared = t5.get_output_embeddings(), t5.get_input_embeddings()
+    config = json.loads(config_file.read_text())
+    config["tie_word_embeddings"] = head is not None and head.weight is shared.weight
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

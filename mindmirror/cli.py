@@ -19,17 +19,26 @@ def _run(command, argv) -> int:
 
 
 def train_main(argv: list[str] | None = None) -> int:
-    """``mindmirror-train`` / ``train/main.py``: parse flags and train."""
+    """``mindmirror-train`` / ``train/main.py``: parse flags, route the logs, train. Exit codes: 0 done, 2 a
+    user error (one line), 1 a run stopped by non-finite losses, 75 preempted with its state saved."""
     def parse_and_train(argv):
+        from mindmirror import logs
         from mindmirror.config import parse_args
         from mindmirror.loop import train
 
-        train(parse_args(argv))
+        cfg = parse_args(argv)
+        logs.setup(cfg.verbose, int(os.environ.get("RANK", "0")))
+        train(cfg)
+
+    from mindmirror.loop import NonFiniteLossError, Preempted
 
     try:
         code = _run(parse_and_train, argv)
-    except SystemExit as e:  # a preempted run exits with its own code once its checkpoint is saved
-        code = e.code if isinstance(e.code, int) else 1
+    except Preempted as e:  # the checkpoint is saved; the Slurm templates requeue on this code
+        code = e.exit_code
+    except NonFiniteLossError as e:
+        print(f"mindmirror: error: {e}", file=sys.stderr)
+        code = 1
     if os.environ.get("LOCAL_RANK") is not None:  # a launched process: every output is written and closed
         _leave(code)
     return code

@@ -54,7 +54,8 @@ def rank_micro_batches(step: list[int], micro_batch: int, accum: int, world: int
     return [step[(g * world + rank) * micro_batch:(g * world + rank + 1) * micro_batch] for g in range(accum)]
 
 
-def _pad(seqs: list[list[int]], value: int, multiple: int) -> torch.Tensor:
+def pad(seqs: list[list[int]], value: int, multiple: int = 1) -> torch.Tensor:
+    """Right-pad token id lists with ``value`` into one tensor, its width rounded up to ``multiple``."""
     width = max(len(s) for s in seqs)
     width = -(-width // multiple) * multiple
     out = torch.full((len(seqs), width), value, dtype=torch.long)
@@ -64,30 +65,39 @@ def _pad(seqs: list[list[int]], value: int, multiple: int) -> torch.Tensor:
 
 
 class Collator:
-    """Rows -> the answer task's ``input_ids, attention_mask, decoder_input_ids, labels`` and, with
-    rationales, the same for the explain task under ``expl_`` names, plus ``token_counts``."""
+    """Rows -> the answer task's ``input_ids, attention_mask, decoder_input_ids, labels, target_positions`` and,
+    with rationales, the same for the explain task under ``expl_`` names, plus ``token_counts``.
 
-    def __init__(self, pad_id: int, with_rationale: bool, pad_to_multiple_of: int = 1):
+    ``target_positions`` are the flat indices of the real (not padding) target tokens, found here on the host
+    so that the objective selects them with an index, not a boolean mask (which makes the device wait for
+    the host); ``token_counts`` are their numbers. With ``pin_memory`` (on GPU) the tensors are in pinned
+    host memory, so their copies to the device can overlap the work already queued."""
+
+    def __init__(self, pad_id: int, with_rationale: bool, pad_to_multiple_of: int = 1, pin_memory: bool = False):
         self.pad_id, self.with_rationale, self.multiple = pad_id, with_rationale, pad_to_multiple_of
+        self.pin_memory = pin_memory
 
     def task_tensors(self, inputs: list[list[int]], targets: list[list[int]], prefix: str = "") -> dict:
-        input_ids = _pad(inputs, self.pad_id, self.multiple)
-        labels = _pad(targets, IGNORE, self.multiple)
+        input_ids = pad(inputs, self.pad_id, self.multiple)
+        labels = pad(targets, IGNORE, self.multiple)
         # Teacher forcing: the decoder sees the target shifted right, starting from the pad token.
         decoder_input_ids = torch.cat([torch.full((len(targets), 1), self.pad_id), labels[:, :-1]], dim=1)
         decoder_input_ids[decoder_input_ids == IGNORE] = self.pad_id
         return {f"{prefix}input_ids": input_ids, f"{prefix}attention_mask": (input_ids != self.pad_id).long(),
-                f"{prefix}decoder_input_ids": decoder_input_ids, f"{prefix}labels": labels}
+                f"{prefix}decoder_input_ids": decoder_input_ids, f"{prefix}labels": labels,
+                f"{prefix}target_positions": target_positions(labels)}
 
     def __call__(self, rows: list[dict] | dict[str, list]) -> dict[str, torch.Tensor]:
         """Tensors of a micro-batch given as rows, or as columns (what indexing a ``datasets`` table gives)."""
         cols = rows if isinstance(rows, dict) else {k: [r[k] for r in rows] for k in rows[0]}
         batch = self.task_tensors(cols["input_ids"], cols["labels"])
-        counts = [(batch["labels"] != IGNORE).sum()]
         if self.with_rationale:
             batch |= self.task_tensors(cols["expl_input_ids"], cols["rationale_ids"], "expl_")
-            counts.append((batch["expl_labels"] != IGNORE).sum())
-        else:
-            counts.append(torch.tensor(0))
-        batch["token_counts"] = torch.stack(counts)
-        return batch
+        batch["token_counts"] = torch.tensor([len(batch["target_positions"]),
+                                              len(batch["expl_target_positions"]) if self.with_rationale else 0])
+        return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
+
+
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices (row-major) of the real target tokens of a padded label tensor."""
+    return (labels.reshape(-1) != IGNORE).nonzero().squeeze(1)

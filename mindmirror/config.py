@@ -12,7 +12,8 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from mindmirror.data.registry import DATASETS, LABEL_TYPES, MODEL_TYPES
+from mindmirror import runfiles
+from mindmirror.data.registry import DATASETS, LABEL_TYPES, MODEL_TYPES, SELF_EVAL
 from mindmirror.model import SIZES
 
 SCHEDULERS = ("constant", "linear", "cosine")
@@ -97,6 +98,8 @@ class TrainConfig:
                               "rounded up to 128 (32128 gives the published t5-v1_1 architecture).")
     group_by_length: bool = _arg(True, "Group rows of similar length into the same step (less padding).")
     pad_to_multiple_of: int = _arg(0, "Pad sequence lengths to a multiple of this; 0: 8 on GPU, 1 on CPU.")
+    verbose: bool = _arg(False, "Show every library's messages on the console too (they always go to "
+                                "<output_dir>/log.txt).")
 
     # -----------------------------------------------------------------------------------------
     def validate(self) -> "TrainConfig":
@@ -148,12 +151,12 @@ class TrainConfig:
         if not self.output_dir:
             self.output_dir = str(default_output_dir(self))
         if self.continue_train:
-            stage1 = default_output_dir(self, model_type="task_prefix_tree2",
-                                        dataset=self.dataset.replace("_tree1", "_tree2"))
-            if not (stage1 / "best").is_dir():
-                bad(f"--continue_train looks for the stage-1 export at {stage1 / 'best'}, which does not exist: "
-                    "run stage 1 (task_prefix_tree2) first, or pass --init_from PATH")
-            self.init_from = str(stage1 / "best")
+            stage1 = default_output_dir(self, model_type=SELF_EVAL, dataset=self.dataset.replace("_tree1", "_tree2"))
+            export = stage1 / runfiles.BEST
+            if not export.is_dir():
+                bad(f"--continue_train looks for the stage-1 export at {export}, which does not exist: "
+                    f"run stage 1 ({SELF_EVAL}) first, or pass --init_from PATH")
+            self.init_from = str(export)
         return self
 
 

@@ -22,8 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mindmirror.data.registry import BUNDLED_DATA_DIR
-from mindmirror.scaling import TRAIN_SCRIPT, local_launch
+from mindmirror import runfiles
+from mindmirror.data.registry import BUNDLED_DATA_DIR, SELF_EVAL
+from mindmirror.launching import TRAIN_SCRIPT, local_launch
 
 ROWS_PER_QUESTION = 25  # 5 CoTs x 5 self-evaluations, with --num_train_branches 5
 CHUNK = 5000  # teacher records per chunk file
@@ -57,7 +58,7 @@ def launch(data_dir: Path, cache: Path, out: Path, nproc: int) -> dict:
     cmd, env = local_launch(nproc)
     cmd += (["--multi_gpu"] if nproc > 1 else ["--mixed_precision", "no"]) + \
         [str(TRAIN_SCRIPT), "--data_dir", str(data_dir),
-           "--dataset", "svamp_tree2", "--model_type", "task_prefix_tree2", "--num_train_branches", "5",
+           "--dataset", "svamp_tree2", "--model_type", SELF_EVAL, "--num_train_branches", "5",
            "--valid_fraction", str(VALID_FRACTION), "--max_steps", "1", "--batch_size", "8",
            "--max_eval_samples", "8", "--max_test_samples", "8", "--gen_max_len", "4", "--report_to", "none",
            "--max_input_length", "256", "--max_target_length", "128", "--output_dir", str(out)]
@@ -67,7 +68,7 @@ def launch(data_dir: Path, cache: Path, out: Path, nproc: int) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"the trainer failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads((out / "summary.json").read_text())
+    return json.loads((out / runfiles.SUMMARY).read_text())
 
 
 def parse_args(argv=None):

@@ -173,17 +173,6 @@ def sample_flops(config, enc_len: int, dec_len: int, rationale_enc_len: int = 0,
     return 3 * flops if training else flops
 
 
-def model_flops_per_token(config, enc_len: int, dec_len: int) -> float:
-    """Training FLOPs per token of one sequence pair, for MFU from a tokens/s throughput.
-
-    Convention: tokens = encoder tokens + decoder tokens (``enc_len + dec_len``), every decoder position a
-    target. Multiply by tokens/s (counted the same way) and divide by :func:`peak_flops` for MFU. Each token
-    passes through one stack only, so for equal, short lengths this is about 3 x the parameters that do
-    matmuls (all but the input embedding), not the 6 x of a decoder-only model.
-    """
-    return training_flops(config, enc_len, dec_len) / (enc_len + dec_len)
-
-
 def peak_flops(device: str | None = None, dtype: str = "bf16") -> float | None:
     """Dense peak FLOP/s of one accelerator for ``dtype`` ("bf16", "fp16", "tf32", "fp32"), or None.
 
@@ -255,10 +244,11 @@ def _task_activations(c, batch: int, enc_len: int, dec_len: int, targets: int, s
     dec_block = attention(dec_len, dec_len) + attention(dec_len, enc_len) + ffn(t)  # self, cross, FFN
     n_dec = _decoder_layers(c)
     # outside the blocks: token ids and embedding dropout, bucket ids, final norms (the encoder's output
-    # is saved once for every cross-attention k/v), the target mask, lm_head input, fp32 log-softmax
+    # is saved once for every cross-attention k/v), and the loss's inputs
     outside = (e + t) * INDEX_BYTES + drop * (e + t) * d
     outside += norm(e) + drop * e * d + norm(t, out_saved=False) + drop * t * d
-    outside += t + targets * (d * size + vocab * 4 + INDEX_BYTES) + 4  # + nll_loss's total weight
+    # the target positions (index_select's index), lm_head input, fp32 logits, targets; nll_loss's total weight
+    outside += targets * (INDEX_BYTES + d * size + vocab * 4 + INDEX_BYTES) + 4
     buckets = (enc_len ** 2 + dec_len ** 2) * INDEX_BYTES
     # what checkpointed blocks keep: each block's input, the shared position biases and the masks
     kept = (c.num_layers * e + n_dec * t) * d * size
@@ -330,22 +320,10 @@ class MemoryEstimate:
     def __post_init__(self):
         self.total = self.params + self.grads + self.optimizer + self.activations
 
-    @property
-    def model_states(self) -> int:
-        """Parameters + gradients + optimizer states on the GPU."""
-        return self.params + self.grads + self.optimizer
-
     def gib(self) -> dict[str, float]:
         """Every field in GiB."""
         names = ("params", "grads", "optimizer", "activations", "total", "cpu_offloaded")
         return {name: getattr(self, name) / GIB for name in names}
-
-    def describe(self) -> str:
-        """One line: the GPU-side split and total, and what lives on the host."""
-        g = self.gib()
-        text = (f"params {g['params']:.2f} + grads {g['grads']:.2f} + optimizer {g['optimizer']:.2f} + "
-                f"activations {g['activations']:.2f} = {g['total']:.2f} GiB per GPU")
-        return text + (f"; {g['cpu_offloaded']:.2f} GiB offloaded to CPU" if self.cpu_offloaded else "")
 
 
 def _largest_gathered_unit(c) -> int:

@@ -16,20 +16,20 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import sys
 import time
 from pathlib import Path
 
+from mindmirror import runfiles
 from mindmirror.checkpoint import STATE_FILE, checkpoint_problem
 from mindmirror.config import TrainConfig
-from mindmirror.data.registry import DATASETS, MODEL_TYPES
+from mindmirror.data.registry import DATASETS, MODEL_TYPES, SELF_EVAL
 from mindmirror.model import ModelLoadError
 
 
 def run_config(run_dir: Path) -> dict:
     """The training config saved in a run folder (``{}`` when there is none)."""
     try:
-        values = json.loads((run_dir / "config.json").read_text())
+        values = json.loads((run_dir / runfiles.CONFIG).read_text())
     except (OSError, ValueError):
         return {}
     return values if isinstance(values, dict) and "dataset" in values else {}  # not a T5 config.json
@@ -38,7 +38,7 @@ def run_config(run_dir: Path) -> dict:
 def run_summary(run_dir: Path) -> dict:
     """The run's summary.json (``{}`` while it is still training, or when there is none)."""
     try:
-        return json.loads((run_dir / "summary.json").read_text())
+        return json.loads((run_dir / runfiles.SUMMARY).read_text())
     except (OSError, ValueError):
         return {}
 
@@ -46,7 +46,7 @@ def run_summary(run_dir: Path) -> dict:
 def learned_verdicts(run_dir: Path, depth: int = 8) -> bool:
     """Whether the run, or a run it was initialised from, trained the self-evaluation task."""
     config = run_config(run_dir)
-    if config.get("model_type") == "task_prefix_tree2":
+    if config.get("model_type") == SELF_EVAL:
         return True
     start = run_summary(run_dir).get("init_from") or config.get("init_from")
     return bool(start) and depth > 0 and learned_verdicts(Path(start).parent, depth - 1)
@@ -100,7 +100,8 @@ def load(model: Path, kind: str, run: Path, cfg: TrainConfig, device, bf16: bool
         except OSError as e:
             raise ModelLoadError(f"could not load {model}: {e}") from e
     else:
-        exported = next((run / n for n in ("final", "best") if (run / n / "tokenizer_config.json").is_file()), None)
+        exported = next((run / n for n in (runfiles.FINAL, runfiles.BEST)
+                         if (run / n / "tokenizer_config.json").is_file()), None)
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or exported) if tokenizer_name or exported else \
             load_tokenizer(cfg.tokenizer, cfg.from_pretrained, cfg.random_init)
         t5 = load_model(cfg.from_pretrained, tokenizer, cfg.random_init, cfg.init_from, cfg.vocab_size, speedups=False)
@@ -145,7 +146,7 @@ def main(argv=None) -> dict:
     import torch
 
     from mindmirror.data.loader import load_data
-    from mindmirror.evaluate import evaluate_split
+    from mindmirror.evaluate import evaluate_split, metric_kind, write_records
 
     args = parse_args(argv)
     model = Path(args.model).resolve()
@@ -153,8 +154,8 @@ def main(argv=None) -> dict:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in run_config(run_dir).items() if k in known}
     if not values and not (args.dataset and args.model_type):
-        raise ValueError(f"{run_dir} holds no run config.json (this is not a mindmirror run's export): name what "
-                         "to evaluate with --dataset and --model_type")
+        raise ValueError(f"{run_dir} holds no run {runfiles.CONFIG} (this is not a mindmirror run's export): name "
+                         "what to evaluate with --dataset and --model_type")
     overrides = {"dataset": args.dataset, "model_type": args.model_type}
     values.update({k: v for k, v in overrides.items() if v})
     if args.data_dir is not None:
@@ -166,22 +167,22 @@ def main(argv=None) -> dict:
     if kind == "checkpoint":  # the architecture comes from where the run started (summary.json: resolved)
         values["init_from"] = run_summary(run_dir).get("init_from") or run_config(run_dir).get("init_from", "")
         if values["init_from"] and not Path(values["init_from"]).is_dir():
-            raise ModelLoadError(f"{run_dir / 'config.json'} says the run started from {values['init_from']}, which "
-                                 "is not a folder from here: run mindmirror-eval from the run's working directory")
+            raise ModelLoadError(f"{run_dir / runfiles.CONFIG} says the run started from {values['init_from']}, "
+                                 "which is not a folder from here: run mindmirror-eval from the run's working "
+                                 "directory")
     cfg = TrainConfig(**values).validate()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     t0 = time.time()
     t5, tokenizer = load(model, kind, run_dir, cfg, device, args.bf16, args.tokenizer)
     tables, _ = load_data(cfg, tokenizer, splits=(args.split,), limits={args.split: args.max_samples})
-    spec = DATASETS[cfg.dataset]
     result, records = evaluate_split(
-        t5, tokenizer, tables[args.split], family=spec.family,
-        kind="text" if cfg.model_type == "task_prefix_tree2" else spec.metric, model_type=cfg.model_type,
+        t5, tokenizer, tables[args.split], family=DATASETS[cfg.dataset].family,
+        kind=metric_kind(cfg.dataset, cfg.model_type), model_type=cfg.model_type,
         device=device, batch_size=args.batch_size, gen_max_len=args.gen_max_len or cfg.gen_max_len,
         rationale_max_len=args.rationale_max_len or cfg.max_target_length, samples=args.self_eval_samples,
         temperature=args.temperature, seed=args.seed, max_input_length=cfg.max_input_length)
     trained_step = None
-    for info in (model / "mindmirror.json", model / STATE_FILE):
+    for info in (model / runfiles.EXPORT_INFO, model / STATE_FILE):
         if info.is_file():
             trained_step = json.loads(info.read_text()).get("step")
     voted = "majority_vote_accuracy" in result
@@ -193,8 +194,7 @@ def main(argv=None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"eval_{model.name}_{args.split}"
     (out / f"{stem}.json").write_text(json.dumps(result, indent=2))
-    with open(out / f"{stem}_predictions.jsonl", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
+    write_records(out / f"{stem}_predictions.jsonl", records)
     print_result(result, out / f"{stem}.json")
     return result
 
@@ -202,20 +202,13 @@ def main(argv=None) -> dict:
 def print_result(result: dict, path: Path) -> None:
     """The accuracies side by side, as a small table."""
     k = result["self_eval_samples"]
-    lines = [("model", f"{result['model']} (step {result['step']})"),
-             ("split", f"{result['dataset']} {result['split']}, {result['rows']} rows"),
-             ("greedy accuracy", f"{result['accuracy']:.3f}")]
+    rows = [("model", f"{result['model']} (step {result['step']})"),
+            ("split", f"{result['dataset']} {result['split']}, {result['rows']} rows"),
+            ("greedy accuracy", f"{result['accuracy']:.3f}")]
     if "majority_vote_accuracy" in result:
-        lines.append((f"majority vote of {k} samples", f"{result['majority_vote_accuracy']:.3f}"))
+        rows.append((f"majority vote of {k} samples", f"{result['majority_vote_accuracy']:.3f}"))
     if "self_eval_vote_accuracy" in result:
-        lines.append(("self-evaluation-weighted vote", f"{result['self_eval_vote_accuracy']:.3f}" +
+        rows.append(("self-evaluation-weighted vote", f"{result['self_eval_vote_accuracy']:.3f}" +
                       ("" if result["judge_trained"] else " (a judge never trained on verdicts: a control)")))
-    lines.append(("written", str(path)))
-    width = max(len(name) for name, _ in lines)
-    print("\n" + "\n".join(f"  {name.ljust(width)}  {value}" for name, value in lines) + "\n", flush=True)
-
-
-if __name__ == "__main__":
-    from mindmirror.cli import eval_main
-
-    sys.exit(eval_main())
+    rows.append(("written", str(path)))
+    runfiles.print_table(rows)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import ast
 import math
 import re
-from typing import Sequence
 
 __all__ = [
     "InvalidExpression",
@@ -20,7 +19,6 @@ __all__ = [
     "extract_equation",
     "equation_value_equal",
     "exact_match",
-    "accuracy",
     "MAX_EXPRESSION_LENGTH",
     "MAX_DEPTH",
     "MAX_NODES",
@@ -161,20 +159,3 @@ def exact_match(pred: str, gold: str) -> bool:
     whitespace and runs of internal whitespace."""
     return normalize_text(pred) == normalize_text(gold)
 
-
-def accuracy(preds: Sequence[str], golds: Sequence[str], kind: str) -> float:
-    """Fraction of ``preds`` matching ``golds``; ``kind`` is ``"equation"`` (value
-    equality, see ``equation_value_equal``) or ``"text"`` (``exact_match``).
-
-    Returns 0.0 for empty inputs; raises ValueError for unequal lengths or unknown kind.
-    """
-    matchers = {"equation": equation_value_equal, "text": exact_match}
-    if kind not in matchers:
-        raise ValueError(f"kind must be 'equation' or 'text', got {kind!r}")
-    preds, golds = list(preds), list(golds)
-    if len(preds) != len(golds):
-        raise ValueError(f"{len(preds)} predictions but {len(golds)} references")
-    if not preds:
-        return 0.0
-    match = matchers[kind]
-    return sum(match(p, g) for p, g in zip(preds, golds)) / len(preds)

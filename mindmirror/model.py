@@ -8,6 +8,7 @@ model sized to the tokenizer, so no download is needed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -67,6 +68,20 @@ def untie_lm_head(model):
         model.lm_head.weight = torch.nn.Parameter(weight)
     getattr(model, "all_tied_weights_keys", {}).pop("lm_head.weight", None)
     return model
+
+
+@contextlib.contextmanager
+def eval_mode(module):
+    """``module`` in eval mode without gradients for the block, back in its earlier mode afterwards."""
+    import torch
+
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield module
+    finally:
+        module.train(was_training)
 
 
 def load_tokenizer(name: str, from_pretrained: str, random_init: bool):

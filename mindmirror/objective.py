@@ -31,25 +31,30 @@ class DistillationObjective(nn.Module):
         super().__init__()
         self.t5 = t5
 
-    def token_loss_sum(self, input_ids, attention_mask, decoder_input_ids, labels) -> torch.Tensor:
+    def token_loss_sum(self, input_ids, attention_mask, decoder_input_ids, labels, target_positions=None):
+        """The summed cross-entropy of one task's target tokens. ``target_positions`` (the flat indices of the
+        real targets, from the collator) select them without a host sync; without them they are found here."""
         t5 = self.t5
         encoded = t5.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
         hidden = t5.decoder(input_ids=decoder_input_ids, encoder_hidden_states=encoded,
                             encoder_attention_mask=attention_mask)[0]
-        keep = labels != IGNORE
-        hidden = hidden[keep]
+        if target_positions is None:
+            target_positions = (labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_positions)
         # Original T5 scales the decoder output before its tied projection; t5-v1_1 does not.
         if getattr(t5.config, "scale_decoder_outputs", t5.config.tie_word_embeddings):
             hidden = hidden * (t5.config.d_model ** -0.5)
         logits = t5.lm_head(hidden).float()
-        return F.cross_entropy(logits, labels[keep], reduction="sum")
+        return F.cross_entropy(logits, labels.reshape(-1).index_select(0, target_positions), reduction="sum")
 
     def forward(self, input_ids, attention_mask, decoder_input_ids, labels, expl_input_ids=None,
-                expl_attention_mask=None, expl_decoder_input_ids=None, expl_labels=None):
-        label_sum = self.token_loss_sum(input_ids, attention_mask, decoder_input_ids, labels)
+                expl_attention_mask=None, expl_decoder_input_ids=None, expl_labels=None, target_positions=None,
+                expl_target_positions=None):
+        label_sum = self.token_loss_sum(input_ids, attention_mask, decoder_input_ids, labels, target_positions)
         if expl_input_ids is None:
             return torch.stack([label_sum, torch.zeros_like(label_sum)])
-        rationale_sum = self.token_loss_sum(expl_input_ids, expl_attention_mask, expl_decoder_input_ids, expl_labels)
+        rationale_sum = self.token_loss_sum(expl_input_ids, expl_attention_mask, expl_decoder_input_ids, expl_labels,
+                                            expl_target_positions)
         return torch.stack([label_sum, rationale_sum])
 
 

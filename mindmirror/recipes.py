@@ -31,8 +31,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mindmirror import runfiles
 from mindmirror.data.formats import FAMILIES
-from mindmirror.scaling import TRAIN_SCRIPT, failure_reason, local_launch
+from mindmirror.data.registry import SELF_EVAL
+from mindmirror.launching import LAUNCH_LOG, TRAIN_SCRIPT, failure_reason, local_launch, log_tail
 
 
 @dataclass(frozen=True)
@@ -43,7 +45,7 @@ class Stage:
 
     @property
     def self_evaluation(self) -> bool:
-        return self.model_type == "task_prefix_tree2"
+        return self.model_type == SELF_EVAL
 
 
 @dataclass(frozen=True)
@@ -56,9 +58,9 @@ class Recipe:
 RECIPES = {r.name: r for r in (
     Recipe("standard", "standard distillation", (Stage("standard", 1, 300),)),
     Recipe("cot1", "1 CoT", (Stage("task_prefix_tree1", 1, 300),)),
-    Recipe("cot1_se", "1 CoT + SE", (Stage("task_prefix_tree2", 5, 150), Stage("task_prefix_tree1", 1, 300))),
+    Recipe("cot1_se", "1 CoT + SE", (Stage(SELF_EVAL, 5, 150), Stage("task_prefix_tree1", 1, 300))),
     Recipe("cot5", "5 CoTs", (Stage("task_prefix_tree1", 5, 60),)),
-    Recipe("cot5_se", "5 CoTs + SE", (Stage("task_prefix_tree2", 5, 50), Stage("task_prefix_tree1", 5, 80))),
+    Recipe("cot5_se", "5 CoTs + SE", (Stage(SELF_EVAL, 5, 50), Stage("task_prefix_tree1", 5, 80))),
 )}
 
 
@@ -80,7 +82,7 @@ def stage_command(args, recipe: Recipe, i: int, seed: int) -> list[str]:
              "--label_type", args.label_type, "--experiment", recipe.name if i == len(recipe.stages) - 1
              else f"{recipe.name}/stage{i + 1}", "--output_dir", str(root / f"stage{i + 1}"), "--resume"]
     if i > 0:
-        previous = (root / f"stage{i}" / "best").resolve()  # valid from any working directory
+        previous = (root / f"stage{i}" / runfiles.BEST).resolve()  # valid from any working directory
         flags += ["--init_from", str(previous), "--tokenizer", str(previous)]
     return flags + args.train_args
 
@@ -97,18 +99,19 @@ def launcher(args) -> tuple[list[str], dict]:
 
 
 def run_stage(args, recipe: Recipe, i: int, seed: int) -> str | None:
-    """Run one stage; ``None`` on success, else why it failed (its log is ``log.txt`` in its folder)."""
+    """Run one stage; ``None`` on success, else why it failed (its console output is ``console.txt`` in its
+    folder, its full log ``log.txt``)."""
     out = run_dir(args, recipe, seed) / f"stage{i + 1}"
     out.mkdir(parents=True, exist_ok=True)
     cmd, env = launcher(args)
     cmd += [str(TRAIN_SCRIPT)] + stage_command(args, recipe, i, seed)
-    with open(out / "log.txt", "a") as log:
+    with open(out / LAUNCH_LOG, "a") as log:
         log.write("$ " + shlex.join(cmd) + "\n")
         log.flush()
         code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    if code == 0 and (out / "summary.json").is_file():
+    if code == 0 and (out / runfiles.SUMMARY).is_file():
         return None
-    return failure_reason(code, (out / "log.txt").read_text(errors="replace")[-20000:])[1]
+    return failure_reason(code, log_tail(out / LAUNCH_LOG))[1]
 
 
 def evaluate_final(args, recipe: Recipe, seed: int) -> None:
@@ -117,7 +120,7 @@ def evaluate_final(args, recipe: Recipe, seed: int) -> None:
 
     final = run_dir(args, recipe, seed) / f"stage{len(recipe.stages)}"
     if not (final / "eval_best_test.json").is_file():
-        evaluate([str(final / "best"), "--self_eval_samples", str(args.self_eval_samples),
+        evaluate([str(final / runfiles.BEST), "--self_eval_samples", str(args.self_eval_samples),
                   "--temperature", str(args.temperature), "--seed", str(seed)])
 
 
@@ -181,12 +184,12 @@ def main(argv=None) -> int:
             t0 = time.time()
             print(f"[{n}/{total}] {recipe.name} s{seed} stage {i + 1} ({stage.model_type}, {stage.branches} "
                   f"branch(es)) ...", end=" ", flush=True)
-            if (run_dir(args, recipe, seed) / f"stage{i + 1}" / "summary.json").is_file():
+            if (run_dir(args, recipe, seed) / f"stage{i + 1}" / runfiles.SUMMARY).is_file():
                 print("already done", flush=True)
                 continue
             reason = run_stage(args, recipe, i, seed)
             if reason:
-                print(f"failed: {reason} (log: {run_dir(args, recipe, seed) / f'stage{i + 1}' / 'log.txt'})",
+                print(f"failed: {reason} (log: {run_dir(args, recipe, seed) / f'stage{i + 1}' / LAUNCH_LOG})",
                       flush=True)
                 failed.append(f"{recipe.name} s{seed}")
                 break

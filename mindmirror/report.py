@@ -20,6 +20,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from mindmirror import runfiles
 from mindmirror.recipes import RECIPES
 
 METRICS = (("test_accuracy", "test accuracy (greedy)"), ("majority_vote_accuracy", "majority vote"),
@@ -29,7 +30,7 @@ EVAL_FILE = "eval_best_test.json"
 
 def collect(roots: list[Path]) -> list[dict]:
     """One record per run: its summary, the votes of its evaluation, and the totals of its stages."""
-    found = sorted({p.resolve() for root in roots for p in Path(root).rglob("summary.json")})
+    found = sorted({p.resolve() for root in roots for p in Path(root).rglob(runfiles.SUMMARY)})
     summaries = {}
     for path in found:
         try:
@@ -42,7 +43,7 @@ def collect(roots: list[Path]) -> list[dict]:
         # A stage 1 feeds the row of its chain; its own "test accuracy" is a verdict accuracy.
         if folder in fed or s.get("test_accuracy") is None or "/stage" in str(s.get("experiment", "")):
             continue
-        stages = s.get("stages") or [{"final_step": s["final_step"], "wall_s": s["wall_s"]}]
+        stages = s.get("stages") or [runfiles.stage_cost(s)]
         record = {"folder": str(folder), "experiment": s.get("experiment") or s.get("model_type", "?"),
                   "model": Path(str(s.get("model", "?"))).name, "dataset": s.get("dataset", "?"), "run": s.get("run"),
                   "test_accuracy": s["test_accuracy"], "best_valid_accuracy": s.get("best_valid_accuracy"),
@@ -156,7 +157,7 @@ def write(rows: list[dict], runs: list[dict], out: Path) -> None:
 def main(argv=None) -> int:
     """Collect, group, write and print the table."""
     p = argparse.ArgumentParser(prog="mindmirror-report", description=__doc__.split("\n\n")[0])
-    p.add_argument("roots", nargs="+", help="folders searched for summary.json (e.g. runs/recipes)")
+    p.add_argument("roots", nargs="+", help=f"folders searched for {runfiles.SUMMARY} (e.g. runs/recipes)")
     p.add_argument("--output_dir", default="", help="where the table and chart go (default: the first folder)")
     args = p.parse_args(argv)
     for root in args.roots:
@@ -164,7 +165,7 @@ def main(argv=None) -> int:
             p.error(f"{root}: no such folder")
     runs = collect([Path(r) for r in args.roots])
     if not runs:
-        p.error(f"no finished runs (summary.json with a test accuracy) under {', '.join(args.roots)}")
+        p.error(f"no finished runs ({runfiles.SUMMARY} with a test accuracy) under {', '.join(args.roots)}")
     runs.sort(key=lambda r: (order(r["experiment"]), r["model"], r["dataset"], str(r["run"])))
     rows = summarise(runs)
     out = Path(args.output_dir or args.roots[0])

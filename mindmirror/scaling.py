@@ -20,10 +20,7 @@ import argparse
 import csv
 import itertools
 import json
-import os
-import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,14 +28,12 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mindmirror import estimate
+from mindmirror import estimate, runfiles
+from mindmirror.launching import LAUNCH_LOG, REPO, TRAIN_SCRIPT, failure_reason, local_launch, log_tail
 from mindmirror.model import SIZES, model_config
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN_SCRIPT = REPO / "train" / "main.py"
 DS_CONFIGS = REPO / "ds_configs"
 ZERO_VARIANTS = ("0", "1", "2", "3", "2+offload", "3+offload")
-OOM_PATTERNS = ("out of memory", "outofmemoryerror", "cannot allocate memory", "memoryerror")
 COLUMNS = ("point", "model", "parameters", "zero", "precision", "micro_batch", "world_size", "status", "reason",
            "step_s", "tokens_per_s", "samples_per_s", "model_tflops_per_s", "mfu", "peak_mem_mb",
            "mem_before_model_mb", "est_mem_mb")
@@ -127,31 +122,13 @@ def dry_run(points: list[Point], args) -> str:
 # running one point
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def deepspeed_json(p: Point, folder: Path) -> Path:
     name = f"zero{p.stage}_offload" if p.offload else f"zero{p.stage}"
     config = json.loads((DS_CONFIGS / f"{name}.json").read_text())
     config["bf16"] = {"enabled": p.precision == "bf16"}
-    if p.stage == 3:
-        config["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition even tiny models
     path = folder / "deepspeed.json"
     path.write_text(json.dumps(config, indent=2))
     return path
-
-
-def local_launch(num_processes: int) -> tuple[list[str], dict]:
-    """The head of an ``accelerate launch`` on this machine (a free port) and its environment, in which
-    the caller decides whether ``ACCELERATE_USE_CPU`` is set."""
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
-    env.pop("ACCELERATE_USE_CPU", None)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--main_process_port",
-           str(free_port()), "--dynamo_backend", "no", "--num_processes", str(num_processes)]
-    return cmd, env
 
 
 def command(p: Point, args, out: Path) -> tuple[list[str], dict]:
@@ -174,26 +151,11 @@ def command(p: Point, args, out: Path) -> tuple[list[str], dict]:
     return cmd + args.train_args, env
 
 
-def failure_reason(returncode: int, log: str) -> tuple[str, str]:
-    """(status, reason) of a failed run, from its exit code and the tail of its log."""
-    lower = log.lower()
-    if any(pattern in lower for pattern in OOM_PATTERNS) or returncode in (-9, 137):
-        return "out of memory", "killed (SIGKILL, likely the host's OOM killer)" if returncode in (-9, 137) \
-            and not any(pattern in lower for pattern in OOM_PATTERNS) else "out of memory"
-    # The trainer's own message ("mindmirror: error: ..."), else the first exception line of a worker
-    # (the launcher's CalledProcessError / ChildFailedError that follow only repeat that it failed).
-    lines = [line.strip() for line in log.splitlines()]
-    mine = [line for line in lines if line.startswith("mindmirror: error:")]
-    errors = [line for line in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", line)
-              and not re.match(r"^[\w.]*(CalledProcessError|ChildFailedError)", line)]
-    return "failed", ((mine or errors or [f"exit code {returncode}"])[0])[:300]
-
-
 def batch_problem(out: Path, p: Point) -> str | None:
     """Why a finished run did not measure its point: the trainer lowers a micro-batch that the training data
     cannot fill (so small data sets train), which would record another point under this one's name."""
     try:
-        summary = json.loads((out / "run" / "summary.json").read_text())
+        summary = json.loads((out / "run" / runfiles.SUMMARY).read_text())
     except (OSError, ValueError):
         return None  # measure() reports an unreadable summary
     used = summary.get("batch_size", p.micro_batch)
@@ -205,7 +167,7 @@ def batch_problem(out: Path, p: Point) -> str | None:
 
 def measure(out: Path, p: Point, warmup: int) -> dict:
     """Figures of a finished run from its metrics.jsonl and summary.json (the first steps left out)."""
-    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (out / "run" / runfiles.METRICS).read_text().splitlines()]
     steps = [r for r in records if "samples_per_s" in r]
     timed = steps[warmup:] or steps
     global_batch = p.micro_batch * p.world_size
@@ -213,7 +175,7 @@ def measure(out: Path, p: Point, warmup: int) -> dict:
     total = sum(step_times)
     tokens = sum(r["tokens_per_s"] * t for r, t in zip(timed, step_times))
     flops = sum(r["model_flops_per_s"] * t for r, t in zip(timed, step_times))
-    summary = json.loads((out / "run" / "summary.json").read_text())
+    summary = json.loads((out / "run" / runfiles.SUMMARY).read_text())
     mfu = [r["mfu"] for r in timed if "mfu" in r]
     return {"step_s": statistics.median(step_times), "tokens_per_s": tokens / total,
             "samples_per_s": global_batch * len(timed) / total, "model_tflops_per_s": flops / total / 1e12,
@@ -236,7 +198,7 @@ def run_point(p: Point, args, root: Path, e: estimate.MemoryEstimate) -> dict:
     if args.peak_tflops:
         env[estimate.PEAK_FLOPS_ENV] = str(args.peak_tflops * 1e12)
     t0 = time.time()
-    with open(out / "log.txt", "w") as log:
+    with open(out / LAUNCH_LOG, "w") as log:
         try:
             proc = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=args.timeout, cwd=out)
             returncode = proc.returncode
@@ -244,9 +206,9 @@ def run_point(p: Point, args, root: Path, e: estimate.MemoryEstimate) -> dict:
             returncode = None
     result["wall_s"] = time.time() - t0
     if not args.keep_checkpoints:  # a point's figures are in its metrics; its weights are not needed
-        for heavy in ("checkpoints", "best", "final"):
+        for heavy in (runfiles.CHECKPOINTS, runfiles.BEST, runfiles.FINAL):
             shutil.rmtree(out / "run" / heavy, ignore_errors=True)
-    text = (out / "log.txt").read_text(errors="replace")[-20000:]
+    text = log_tail(out / LAUNCH_LOG)
     if returncode is None:
         result.update(status="failed", reason=f"timed out after {args.timeout} s")
     elif returncode != 0:

@@ -98,15 +98,13 @@ def verdict_probabilities(t5, tokenizer, cots: Sequence[str], *, device, batch_s
     """
     import torch
 
-    verdict_ids = [tokenizer(v)["input_ids"] for v in VERDICTS]
-    width = max(len(ids) for ids in verdict_ids)
-    labels_one = torch.full((len(VERDICTS), width), -100, dtype=torch.long)
-    for i, ids in enumerate(verdict_ids):
-        labels_one[i, : len(ids)] = torch.tensor(ids)
-    was_training = t5.training
-    t5.eval()
+    from mindmirror.collate import pad
+    from mindmirror.model import eval_mode
+    from mindmirror.objective import IGNORE
+
+    labels_one = pad([tokenizer(v)["input_ids"] for v in VERDICTS], IGNORE)
     out = []
-    with torch.no_grad():
+    with eval_mode(t5):
         for start in range(0, len(cots), batch_size):
             batch = [prefix + c for c in cots[start:start + batch_size]]
             enc = tokenizer(batch, padding=True, truncation=True, max_length=max_input_length,
@@ -119,7 +117,6 @@ def verdict_probabilities(t5, tokenizer, cots: Sequence[str], *, device, batch_s
             labels = labels_one.repeat(n, 1).to(device)
             logits = t5(encoder_outputs=(hidden,), attention_mask=mask, labels=labels).logits.float()
             logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            seq = (logp * (labels != -100)).sum(-1).view(n, len(VERDICTS))
+            seq = (logp * (labels != IGNORE)).sum(-1).view(n, len(VERDICTS))
             out += torch.softmax(seq, -1)[:, VERDICTS.index(CORRECT)].tolist()
-    t5.train(was_training)
     return out

@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from mindmirror.launching import TRAIN_SCRIPT, free_port, local_launch  # noqa: F401  (free_port: test_trainer)
+
 REPO = Path(__file__).resolve().parents[1]
-SEED_SAMPLE = REPO.parent / "shared" / "data" / "seed-sample"
 
 # Small, fast training settings on the bundled synthetic data.
 FAST = ["--subsample", "0.02", "--valid_fraction", "0.01", "--max_eval_samples", "16", "--max_test_samples", "32",
         "--gen_max_len", "12",
         "--report_to", "none", "--logging_steps", "1", "--lr_scheduler", "linear", "--warmup_ratio", "0.2"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch_env(tmp_path: Path) -> dict:
@@ -39,16 +33,14 @@ def launch_env(tmp_path: Path) -> dict:
 
 def accelerate_cmd(nproc: int = 1, deepspeed_json: Path | None = None, extra: list[str] | None = None) -> list[str]:
     """An ``accelerate launch`` command line for ``train/main.py`` on CPU."""
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--main_process_port",
-           str(free_port()), "--dynamo_backend", "no"]
+    cmd, _ = local_launch(nproc)
     if deepspeed_json is not None:
-        cmd += ["--use_deepspeed", "--deepspeed_config_file", str(deepspeed_json), "--num_processes", str(nproc),
-                "--zero3_init_flag", "false"]
+        cmd += ["--use_deepspeed", "--deepspeed_config_file", str(deepspeed_json), "--zero3_init_flag", "false"]
     elif nproc > 1:
-        cmd += ["--multi_gpu", "--num_processes", str(nproc)]
+        cmd += ["--multi_gpu"]
     else:
-        cmd += ["--num_processes", "1", "--mixed_precision", "no"]
-    return cmd + (extra or []) + [str(REPO / "train" / "main.py")]
+        cmd += ["--mixed_precision", "no"]
+    return cmd + (extra or []) + [str(TRAIN_SCRIPT)]
 
 
 def run_train(tmp_path: Path, args: list[str], nproc: int = 1, deepspeed_json: Path | None = None,
@@ -67,6 +59,11 @@ def run_train(tmp_path: Path, args: list[str], nproc: int = 1, deepspeed_json: P
 
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def log_lines(out: Path, text: str) -> list[str]:
+    """The lines of a run's log.txt (every rank's full record) that hold ``text``."""
+    return [line for line in (out / "log.txt").read_text().splitlines() if text in line]
 
 
 def train_losses(out: Path) -> list[float]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-SEED_SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "seed-sample"
+SEED_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "seed-sample"
 
 ANLI_NAMES = ("entailment", "neutral", "contradiction")
 # Verdicts of the 5 self-evaluations of every CoT in the synthetic data (2 wrong, 1 uncertain).
@@ -280,6 +280,6 @@ def data(tmp_path) -> DataBuilder:
 
 @pytest.fixture
 def seed_dir() -> Path:
-    if not ((SEED_SAMPLE_DIR / "svamp_tree1").is_dir() and (SEED_SAMPLE_DIR / "svamp_tree2").is_dir()):
-        pytest.skip(f"seed sample not found at {SEED_SAMPLE_DIR}")
-    return SEED_SAMPLE_DIR
+    if not ((SEED_SAMPLE / "svamp_tree1").is_dir() and (SEED_SAMPLE / "svamp_tree2").is_dir()):
+        pytest.skip(f"seed sample not found at {SEED_SAMPLE}")
+    return SEED_SAMPLE

@@ -10,7 +10,8 @@ import shutil
 import pytest
 
 from conftest import FAST, run_train
-from datafixtures import SEED_SAMPLE_DIR, data, svamp_questions  # noqa: F401  (data is a fixture)
+from datafixtures import SEED_SAMPLE, data, svamp_questions  # noqa: F401  (data is a fixture)
+from mindmirror.data.registry import SELF_EVAL
 
 pytestmark = pytest.mark.slow
 SHORT = FAST + ["--max_steps", "2", "--batch_size", "4"]
@@ -39,7 +40,7 @@ def test_messy_tree_data_trains_and_lists_what_it_skipped(data, tmp_path):
     assert summary["final_step"] == 2 and summary["skipped_records"]["by_reason"] == {"no_answer": 1}
     assert "skipped 1 questions with unusable teacher text (no_answer 1" in proc.stdout + proc.stderr
 
-    run_train(tmp_path, SHORT + data_flags + ["--dataset", "svamp_tree2", "--model_type", "task_prefix_tree2",
+    run_train(tmp_path, SHORT + data_flags + ["--dataset", "svamp_tree2", "--model_type", SELF_EVAL,
                                               "--num_train_branches", "5", "--output_dir", "tree2"])
     listed = skipped(tmp_path / "tree2")
     assert [(s["file"], s["record"], s["reason"]) for s in listed] == \
@@ -69,9 +70,9 @@ def test_a_mostly_bad_file_and_strict_data_stop_naming_file_and_record(data, tmp
 def test_a_two_question_data_set_trains_at_batch_16(data, tmp_path, source):
     """The seed README's command lines (batch 16) on 2 questions: the batch is clamped to the data."""
     if source == "seed-sample":
-        if not SEED_SAMPLE_DIR.is_dir():
+        if not SEED_SAMPLE.is_dir():
             pytest.skip("the seed's sample files are not beside this clone")
-        shutil.copytree(SEED_SAMPLE_DIR / "svamp_tree1", data.root / "svamp_tree1")
+        shutil.copytree(SEED_SAMPLE / "svamp_tree1", data.root / "svamp_tree1")
     else:
         data.tree("svamp_tree1", {"train": svamp_questions(2), "test": svamp_questions(2, start=50)})
     proc = run_train(tmp_path, ["--data_dir", str(data.root), "--dataset", "svamp_tree1", "--batch_size", "16",

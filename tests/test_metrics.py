@@ -1,5 +1,6 @@
 """Tests for mindmirror.metrics: the safe evaluator must compute SVAMP equations exactly
-and refuse anything else quickly, without side effects."""
+and refuse anything else quickly, without side effects; and the accuracy built on it
+(mindmirror.evaluate.score)."""
 
 import re
 import time
@@ -8,10 +9,10 @@ from pathlib import Path
 import pytest
 
 from mindmirror import metrics
+from mindmirror.evaluate import score
 from mindmirror.metrics import (
     InvalidExpression,
     UnsafeExpression,
-    accuracy,
     equation_value_equal,
     exact_match,
     extract_equation,
@@ -186,17 +187,15 @@ def test_exact_match():
     assert exact_match("", "   ")
 
 
-def test_accuracy():
+def test_score():
     preds, golds = ["(84 / 2)", "1 + 1", "x"], ["( 84.0 / 2.0 )", "3", "1"]
-    assert accuracy(preds, golds, "equation") == pytest.approx(1 / 3)
-    assert accuracy(["Yes", "no "], ["yes", "no"], "text") == 1.0
-    assert accuracy(["yes"], ["no"], "text") == 0.0
-    assert accuracy([], [], "text") == 0.0
-    assert accuracy((p for p in ["a"]), ("A",), "text") == 1.0  # any iterable
-    with pytest.raises(ValueError):
-        accuracy(["a", "b"], ["a"], "text")
-    with pytest.raises(ValueError):
-        accuracy(["a"], ["a"], "bleu")
+    accuracy, correct = score(preds, golds, "equation")
+    assert accuracy == pytest.approx(1 / 3) and correct == [True, False, False]
+    assert score(["Yes", "no "], ["yes", "no"], "text") == (1.0, [True, True])
+    assert score(["yes"], ["no"], "text") == (0.0, [False])
+    assert score([], [], "text") == (0.0, [])
+    assert score(("a",), ("A",), "text") == (1.0, [True])  # any sequence
+    assert score(["4"], ["( 2 + 2 )"], "text")[0] == 0.0  # text compares the strings, not their values
 
 
 def test_module_never_calls_builtin_evaluators():

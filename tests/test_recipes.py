@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from mindmirror import recipes, report
+from mindmirror.data.registry import SELF_EVAL
 
 
 def parse(command: list[str]) -> dict:
@@ -33,10 +34,10 @@ def test_dry_run_chains_the_stages_and_scales_the_epochs(capsys):
     assert set(by_output) == {"standard/s3/stage1", "cot1/s3/stage1", "cot1_se/s3/stage1", "cot1_se/s3/stage2",
                               "cot5/s3/stage1", "cot5_se/s3/stage1", "cot5_se/s3/stage2"}
     expected = {"standard/s3/stage1": ("standard", "svamp_tree1", "1", "30"),
-                "cot1_se/s3/stage1": ("task_prefix_tree2", "svamp_tree2", "5", "1.5"),
+                "cot1_se/s3/stage1": (SELF_EVAL, "svamp_tree2", "5", "1.5"),
                 "cot1_se/s3/stage2": ("task_prefix_tree1", "svamp_tree1", "1", "30"),
                 "cot5/s3/stage1": ("task_prefix_tree1", "svamp_tree1", "5", "6"),
-                "cot5_se/s3/stage1": ("task_prefix_tree2", "svamp_tree2", "5", "0.5"),
+                "cot5_se/s3/stage1": (SELF_EVAL, "svamp_tree2", "5", "0.5"),
                 "cot5_se/s3/stage2": ("task_prefix_tree1", "svamp_tree1", "5", "8")}
     for name, (model_type, dataset, branches, epochs) in expected.items():
         f = by_output[name]
@@ -83,14 +84,14 @@ def test_report_averages_seeds_and_folds_stage_one_into_the_run_it_fed(tmp_path,
     write_run(root / "cot1" / "s0", "cot1", 0, 0.2, [(10, 5.0)],
               votes={"majority_vote_accuracy": 0.5, "self_eval_vote_accuracy": 0.6, "self_eval_samples": 5})
     write_run(root / "cot1" / "s1", "cot1", 1, 0.4, [(12, 7.0)])
-    write_run(root / "se" / "s0" / "stage1", "cot1_se/stage1", 0, 0.9, [(4, 2.0)], model_type="task_prefix_tree2")
+    write_run(root / "se" / "s0" / "stage1", "cot1_se/stage1", 0, 0.9, [(4, 2.0)], model_type=SELF_EVAL)
     write_run(root / "se" / "s0" / "stage2", "cot1_se", 0, 0.3, [(4, 2.0), (20, 9.0)],
               init_from=str(root / "se" / "s0" / "stage1" / "best"))
     write_run(root / "by_hand", "standard b1", 0, 0.1, [(3, 1.0)], model_type="standard")  # as the trainer labels it
     write_run(root / "cot5" / "s0", "cot5", 0, 0.25, [(8, 4.0)],
               votes={"majority_vote_accuracy": 0.2, "self_eval_vote_accuracy": 0.3, "judge_trained": False})
     # A stage 1 whose stage 2 has not finished yet is no row of its own.
-    write_run(root / "se5" / "s0" / "stage1", "cot5_se/stage1", 0, 0.8, [(4, 2.0)], model_type="task_prefix_tree2")
+    write_run(root / "se5" / "s0" / "stage1", "cot5_se/stage1", 0, 0.8, [(4, 2.0)], model_type=SELF_EVAL)
     (root / "broken").mkdir()
     (root / "broken" / "summary.json").write_text("{not json")
     assert report.main([str(root), "--output_dir", str(tmp_path / "table")]) == 0
@@ -141,7 +142,7 @@ def test_two_recipes_end_to_end_make_the_table(tmp_path, monkeypatch, capsys):
     # Stage 2 was started from stage 1's selected export, and knows what stage 1 cost.
     config1, config2 = (json.loads((s / "config.json").read_text()) for s in (stage1, stage2))
     assert (config1["model_type"], config1["dataset"], config1["num_train_branches"]) == \
-        ("task_prefix_tree2", "svamp_tree2", 5)
+        (SELF_EVAL, "svamp_tree2", 5)
     assert (config2["model_type"], config2["dataset"], config2["num_train_branches"]) == \
         ("task_prefix_tree1", "svamp_tree1", 1)
     assert config2["init_from"] == str((stage1 / "best").resolve())

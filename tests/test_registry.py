@@ -21,7 +21,7 @@ from datafixtures import (  # noqa: F401  (data and seed_dir are fixtures)
     verdict_of,
 )
 from mindmirror.data.formats import DataError
-from mindmirror.data.registry import build_task_rows
+from mindmirror.data.registry import SELF_EVAL, build_task_rows
 
 VERDICTS = {"correct", "wrong", "uncertain"}
 
@@ -74,6 +74,16 @@ def train_indices(data_dir: Path, name: str, train_qs: list[Q], **kw) -> list[in
     return sorted({inputs.index(r.input) for r in out["train"]})
 
 
+def strict_then_skipping(dataset: str, root: Path, stops_at: str, **flags):
+    """Build ``dataset`` with 5 branches twice: with --strict_data, which must stop at the bad record with a
+    message starting ``stops_at``, then by default, which skips its question (one of a tiny split, so the
+    share limit is raised). Returns the second build."""
+    with pytest.raises(DataError) as err:
+        build_task_rows(dataset, root, num_train_branches=5, strict_data=True, **flags)
+    assert str(err.value).startswith(stops_at) and "--strict_data" in str(err.value)
+    return build_task_rows(dataset, root, num_train_branches=5, max_bad_fraction=0.2, **flags)
+
+
 # ---------------------------------------------------------------------------------------------
 # 1. The real seed sample
 
@@ -118,7 +128,7 @@ def test_seed_sample_tree1_llm_label_example(seed_dir):
 
 @pytest.mark.parametrize("branches", [1, 5])
 def test_seed_sample_tree2(seed_dir, branches):
-    out, report = build_task_rows("svamp_tree2", seed_dir, model_type="task_prefix_tree2",
+    out, report = build_task_rows("svamp_tree2", seed_dir, model_type=SELF_EVAL,
                                   num_train_branches=branches)
     prepared = {s: jsonl(seed_dir / "svamp_tree2" / f"svamp_tree2_{s}.json") for s in ("train", "test")}
     # 5 evaluations per CoT: 5 rows per branch in train, all 25 rows per question in valid/test
@@ -266,7 +276,7 @@ def test_dss_layout_rejects_several_branches(data):
     with pytest.raises(ValueError, match="num_train_branches"):
         build_task_rows("svamp", data.root, num_train_branches=2)
     with pytest.raises(ValueError, match="svamp_tree2"):
-        build_task_rows("svamp", data.root, model_type="task_prefix_tree2")
+        build_task_rows("svamp", data.root, model_type=SELF_EVAL)
 
 
 def test_tree2_dataset_needs_tree2_model_type(data):
@@ -323,13 +333,10 @@ def test_cot_without_parsable_answer(tree1, label_type):
     # branch 3 is not used with 1 branch
     _, report = build_task_rows("svamp_tree1", data.root, label_type=label_type, num_train_branches=1)
     assert report.skipped == []
-    with pytest.raises(DataError) as err:
-        build_task_rows("svamp_tree1", data.root, label_type=label_type, num_train_branches=5, strict_data=True)
-    assert str(err.value).startswith(f"{path}: record {i}: CoT 3 has no parsable answer")
-    assert "--strict_data" in str(err.value)
-    # By default the question is skipped (1 of 9 here, so the share limit is raised for this tiny split).
-    out, report = build_task_rows("svamp_tree1", data.root, label_type=label_type, num_train_branches=5,
-                                  max_bad_fraction=0.2)
+    # --strict_data stops at it; by default the question is skipped (1 of 9 here, so the share limit is
+    # raised for this tiny split).
+    out, report = strict_then_skipping("svamp_tree1", data.root, f"{path}: record {i}: CoT 3 has no parsable answer",
+                                       label_type=label_type)
     assert len(report.skipped) == 1 and str(report.skipped[0]).startswith(f"{path}: record {i}: CoT 3")
     skip = report.skipped[0]
     assert (skip.split, skip.file, skip.record, skip.reason) == ("train", str(path), i, "no_answer")
@@ -347,10 +354,8 @@ def test_fewer_cots_than_branches_is_skipped(tree1):
     def edit(records):
         del records[i]["steps"][0]["new_ys"][2:]
     path = data.edit_teacher("svamp_tree1", "train", edit)
-    with pytest.raises(DataError) as err:
-        build_task_rows("svamp_tree1", data.root, num_train_branches=5, strict_data=True)
-    assert str(err.value).startswith(f"{path}: record {i}: has 2 CoTs, fewer than the 5 requested")
-    out, report = build_task_rows("svamp_tree1", data.root, num_train_branches=5, max_bad_fraction=0.2)
+    out, report = strict_then_skipping("svamp_tree1", data.root,
+                                       f"{path}: record {i}: has 2 CoTs, fewer than the 5 requested")
     assert len(report.skipped) == 1 and f"record {i}" in str(report.skipped[0])
     assert report.skipped[0].reason == "too_few_cots"
     assert len(out["train"]) == 5 * report.questions["train"]
@@ -361,18 +366,15 @@ def test_fewer_cots_than_branches_is_skipped(tree1):
 def test_unparsable_verdict_in_tree2(data):
     train_qs, test_qs = svamp_questions(10), svamp_questions(2, start=50)
     data.tree("svamp_tree2", {"train": train_qs, "test": test_qs})
-    clean, _ = build_task_rows("svamp_tree2", data.root, model_type="task_prefix_tree2", num_train_branches=5)
+    clean, _ = build_task_rows("svamp_tree2", data.root, model_type=SELF_EVAL, num_train_branches=5)
     in_train = questions_of(clean["train"])  # inputs are CoTs here
     i = next(k for k, q in enumerate(train_qs) if q.cots[0] in in_train)
     train_qs[i].evals[1][2] = "Evaluation:\n\nI am not able to judge this.\n\nEvaluation result: unclear."
     data.tree("svamp_tree2", {"train": train_qs, "test": test_qs})  # prepared jsonl leaves it out, as the original
     path = data.teacher_path("svamp_tree2", "train")
-    with pytest.raises(DataError) as err:
-        build_task_rows("svamp_tree2", data.root, model_type="task_prefix_tree2", num_train_branches=5,
-                        strict_data=True)
-    assert str(err.value).startswith(f"{path}: record {i}: evaluation 2 of CoT 1 has no verdict")
-    out, report = build_task_rows("svamp_tree2", data.root, model_type="task_prefix_tree2", num_train_branches=5,
-                                  max_bad_fraction=0.2)
+    out, report = strict_then_skipping("svamp_tree2", data.root,
+                                       f"{path}: record {i}: evaluation 2 of CoT 1 has no verdict",
+                                       model_type=SELF_EVAL)
     assert len(report.skipped) == 1 and f"record {i}" in str(report.skipped[0])
     assert (report.skipped[0].reason, report.skipped[0].file) == ("no_verdict", str(path))
     assert "unclear" in report.skipped[0].excerpt
@@ -394,7 +396,7 @@ def test_tree2_prepared_jsonl_out_of_step_with_teacher(data):
     rows[7]["label"] = "uncertain" if rows[7]["label"] != "uncertain" else "correct"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=r"svamp_tree2_train\.json: record 7: does not match"):
-        build_task_rows("svamp_tree2", data.root, model_type="task_prefix_tree2")
+        build_task_rows("svamp_tree2", data.root, model_type=SELF_EVAL)
 
 
 def test_teacher_records_out_of_order(tree1):
@@ -595,19 +597,16 @@ def test_tree2_prepared_file_with_a_row_for_every_evaluation(data):
             for e in evs]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     teacher = data.teacher_path("svamp_tree2", "train")
-    with pytest.raises(DataError) as err:
-        build_task_rows("svamp_tree2", data.root, model_type="task_prefix_tree2", num_train_branches=5,
-                        strict_data=True)
-    assert str(err.value).startswith(f"{teacher}: record 4: evaluation 3 of CoT 2 has no verdict")
-    out, report = build_task_rows("svamp_tree2", data.root, model_type="task_prefix_tree2", num_train_branches=5,
-                                  max_bad_fraction=0.2)
+    out, report = strict_then_skipping("svamp_tree2", data.root,
+                                       f"{teacher}: record 4: evaluation 3 of CoT 2 has no verdict",
+                                       model_type=SELF_EVAL)
     assert [(s.file, s.record, s.reason) for s in report.skipped] == [(str(teacher), 4, "no_verdict")]
     assert not set(train_qs[4].cots) & {r.input for r in out["train"] + out["valid"]}
     assert_tree2_aligned(out["train"], train_qs)
     rows[7]["label"] = "uncertain" if rows[7]["label"] != "uncertain" else "correct"  # a real contradiction
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(DataError, match=r"svamp_tree2_train\.json: record 7: does not match"):
-        build_task_rows("svamp_tree2", data.root, model_type="task_prefix_tree2", max_bad_fraction=0.2)
+        build_task_rows("svamp_tree2", data.root, model_type=SELF_EVAL, max_bad_fraction=0.2)
 
 
 def test_strict_data_and_skip_bad_records_disagree():

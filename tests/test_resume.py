@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import FAST, REPO, read_metrics, run_train, train_losses
+from conftest import FAST, REPO, log_lines, read_metrics, run_train, train_losses
 
 pytestmark = pytest.mark.slow
 STEPS = ["--max_steps", "6", "--eval_steps", "3"]
@@ -115,7 +115,7 @@ def test_one_process_checkpoint_resumes_under_two_process_zero3(plain_saved, bas
                      deepspeed_json=zero3_json(deepspeed_json))
     output = proc.stdout + proc.stderr
     assert "written by 1 process, no DeepSpeed, fp32, continuing under 2 processes, DeepSpeed ZeRO stage 3" in output
-    held = [line for line in output.splitlines() if "ZeRO-3 holds" in line]
+    held = log_lines(out, "ZeRO-3 holds")
     assert len(held) == 2  # really partitioned: each rank holds about half
     for line in held:
         mine, total = (int(w) for w in line.split("holds ")[1].split(" parameter")[0].split(" of "))

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from mindmirror import bench, scaling
+from mindmirror.launching import LAUNCH_LOG
 
 pytestmark = pytest.mark.slow
 FAST_TRAIN = ["--", "--subsample", "0.02", "--valid_fraction", "0.02", "--max_eval_samples", "4"]
@@ -52,20 +53,12 @@ def test_sweep_records_every_point_skips_finished_ones_and_survives_a_failure(en
     assert "2 ok, 1 not" in printed
 
     # Restarted: nothing runs again, the records stay as they were.
-    logs = {p: p.stat().st_mtime_ns for p in (out / "points").rglob("log.txt")}
+    logs = {p: p.stat().st_mtime_ns for p in (out / "points").rglob(LAUNCH_LOG)}
     before = (out / "results.jsonl").read_text()
     printed = sweep(out, "2,4,200", capsys)
     assert "3 already done, 0 to run" in printed
     assert (out / "results.jsonl").read_text() == before
-    assert {p: p.stat().st_mtime_ns for p in (out / "points").rglob("log.txt")} == logs
-
-
-def test_failure_reasons():
-    assert scaling.failure_reason(1, "torch.OutOfMemoryError: CUDA out of memory. Tried")[0] == "out of memory"
-    assert scaling.failure_reason(-9, "")[0] == "out of memory"
-    status, reason = scaling.failure_reason(1, "x\nValueError: --dataset 'nope' is unknown\nmore")
-    assert status == "failed" and reason == "ValueError: --dataset 'nope' is unknown"
-    assert scaling.failure_reason(3, "no message") == ("failed", "exit code 3")
+    assert {p: p.stat().st_mtime_ns for p in (out / "points").rglob(LAUNCH_LOG)} == logs
 
 
 def test_dry_run_says_what_xxl_needs(capsys):
@@ -92,9 +85,3 @@ def test_benchmark_small_mode_prints_both_sides(env, capsys):
     assert "| baseline |" in text and "| mindmirror |" in text and "padding fraction" in text
     # Both sides really trained: finite losses.
     assert all(loss == loss and loss > 0 for loss in report["final_loss"].values())
-
-
-def test_failure_reason_prefers_the_trainers_message_to_the_launchers():
-    log = ("mindmirror: error: the global batch (200 = ...) is larger than the 120 training rows\n"
-           "subprocess.CalledProcessError: Command '[...]' returned non-zero exit status 2.")
-    assert scaling.failure_reason(1, log) == ("failed", log.splitlines()[0])

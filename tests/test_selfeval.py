@@ -10,6 +10,7 @@ import torch
 
 from mindmirror import selfeval
 from mindmirror.data import formats
+from mindmirror.data.registry import SELF_EVAL
 
 # ---- votes ------------------------------------------------------------------------------------
 
@@ -144,7 +145,7 @@ def test_evaluate_split_records_are_the_models_own_generations(tiny, tmp_path):
 
 @pytest.mark.parametrize("model_type, dataset, samples, expected_keys", [
     ("standard", "svamp_tree1", 2, {"rows", "accuracy", "majority_vote_accuracy"}),  # no rationale: no judge
-    ("task_prefix_tree2", "svamp_tree2", 2, {"rows", "accuracy"}),  # verdicts are what it answers: no votes
+    (SELF_EVAL, "svamp_tree2", 2, {"rows", "accuracy"}),  # verdicts are what it answers: no votes
     ("task_prefix_tree1", "svamp_tree1", 0, {"rows", "accuracy"}),  # greedy only
 ])
 def test_evaluate_split_votes_only_where_they_mean_something(tiny, tmp_path, model_type, dataset, samples,
@@ -159,7 +160,7 @@ def test_evaluate_split_votes_only_where_they_mean_something(tiny, tmp_path, mod
     table = tokenize_rows(rows, tokenizer, with_rationale=model_type != "standard", max_input_length=256,
                           cache_dir=tmp_path)
     result, records = evaluate_split(t5, tokenizer, table, family="svamp",
-                                     kind="text" if model_type == "task_prefix_tree2" else "equation",
+                                     kind="text" if model_type == SELF_EVAL else "equation",
                                      model_type=model_type, device="cpu", batch_size=4, gen_max_len=6,
                                      rationale_max_len=6, samples=samples)
     assert set(result) == expected_keys and len(records) == 3

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import FAST, REPO, free_port, launch_env, read_metrics
+from conftest import FAST, REPO, launch_env, read_metrics
+from mindmirror.launching import free_port
 
 pytestmark = pytest.mark.slow
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "squeue")

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from datafixtures import SEED_SAMPLE
 from mindmirror.data import build_assets, synthetic
 
 ASSETS = Path(synthetic.__file__).resolve().parents[1] / "assets"
 DATA = ASSETS / "data"
 TOKENIZER = ASSETS / "tokenizer"
-SEED_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "seed-sample"
 ANSWER_RE = re.compile(r"The answer is (\([0-9+\-*/() ]+\))\.$")
 VERDICT_RE = re.compile(r"\n\nEvaluation result: the given answer is (correct|wrong|uncertain)\.$")
 

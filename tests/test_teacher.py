@@ -19,7 +19,8 @@ import httpx2
 import pytest
 
 from chat_server import ChatServer, wrong_label
-from conftest import FAST, REPO, SEED_SAMPLE, run_train
+from conftest import FAST, REPO, run_train
+from datafixtures import SEED_SAMPLE
 from mindmirror.data import formats, registry
 from mindmirror.teacher import cli
 from mindmirror.teacher.client import RateLimiter, RetryPolicy, retry_after_seconds
@@ -125,7 +126,7 @@ def test_writes_the_seed_layout_in_input_order(server, svamp, tmp_path):
                            for e in evals]
     for dataset, model_type, label_type in (("svamp_tree1", "task_prefix_tree1", "gt"),
                                             ("svamp_tree1", "task_prefix_tree1", "llm"),
-                                            ("svamp_tree2", "task_prefix_tree2", "llm")):
+                                            ("svamp_tree2", registry.SELF_EVAL, "llm")):
         rows, report = registry.build_task_rows(dataset, out, model_type=model_type, label_type=label_type,
                                                 num_train_branches=N)
         assert report.skipped == [] and len(rows["test"]) == (2 if dataset == "svamp_tree1" else 2 * N * M)
@@ -148,7 +149,7 @@ def test_the_trainer_trains_on_the_output(server, svamp, tmp_path):
     assert cli.main(teacher_args(server, src, out)) == 0
     for dataset, model_type, label_type in (("svamp_tree1", "task_prefix_tree1", "gt"),
                                             ("svamp_tree1", "task_prefix_tree1", "llm"),
-                                            ("svamp_tree2", "task_prefix_tree2", "gt")):
+                                            ("svamp_tree2", registry.SELF_EVAL, "gt")):
         run_dir = tmp_path / f"run_{dataset}_{label_type}"
         run_train(tmp_path, ["--data_dir", str(out), "--dataset", dataset, "--model_type", model_type,
                              "--label_type", label_type, "--num_train_branches", "2", "--batch_size", "2",
@@ -207,7 +208,7 @@ def test_faults_are_retried_within_bounds_and_bad_replies_are_kept(server, svamp
     card = json.loads((out / "svamp_tree1" / "teacher_report.json").read_text())["splits"]["train"]
     assert card["failed_questions"] == 1 and card["failures"][0]["idx"] == 6
     assert card["unparsable_cots"] == 1 and card["truncated_cots"] == 1 and card["verdicts"]["none"] == 1
-    for dataset, model_type in (("svamp_tree1", "task_prefix_tree1"), ("svamp_tree2", "task_prefix_tree2")):
+    for dataset, model_type in (("svamp_tree1", "task_prefix_tree1"), ("svamp_tree2", registry.SELF_EVAL)):
         rows, _ = registry.build_task_rows(dataset, out, model_type=model_type, num_train_branches=N,
                                            valid_fraction=0.5, skip_bad_records=True)  # skips the 2 bad ones
         assert {r.record for r in rows["train"]} <= {0, 1, 2, 3, 4, 7} and len(rows["test"]) > 0
@@ -348,7 +349,7 @@ def test_cqa_and_anli_with_the_shipped_prompts(family, tmp_path):
                          "--n_evaluate_sample", "2", "--no_progress"]) == 0
     finally:
         chat.close()
-    for dataset, model_type in ((f"{family}_tree1", "task_prefix_tree1"), (f"{family}_tree2", "task_prefix_tree2")):
+    for dataset, model_type in ((f"{family}_tree1", "task_prefix_tree1"), (f"{family}_tree2", registry.SELF_EVAL)):
         rows, report = registry.build_task_rows(dataset, out, model_type=model_type, label_type="llm",
                                                 num_train_branches=2)
         assert report.skipped == []

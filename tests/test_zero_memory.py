@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import FAST, accelerate_cmd, launch_env, run_train
+from conftest import FAST, accelerate_cmd, launch_env, log_lines, run_train
 
 pytestmark = pytest.mark.slow
 BATCH = ["--batch_size", "4"]  # per rank: 2 processes, a global batch of 8
@@ -30,9 +30,9 @@ def run_zero3_init(tmp_path, args: list[str], deepspeed_json) -> subprocess.Comp
     return proc
 
 
-def built_shares(proc) -> list[tuple[int, int]]:
-    """(held, total) parameter elements of each rank's model right after it was built."""
-    lines = [line for line in (proc.stdout + proc.stderr).splitlines() if "built partitioned: holds" in line]
+def built_shares(out) -> list[tuple[int, int]]:
+    """(held, total) parameter elements of each rank's model right after it was built (from the run's log.txt)."""
+    lines = log_lines(out, "built partitioned: holds")
     return [tuple(int(w) for w in line.split("holds ")[1].split(" parameter")[0].split(" of ")) for line in lines]
 
 
@@ -52,9 +52,9 @@ def evaluated(model, tmp_path):
 
 def test_zero3_builds_partitioned_and_tests_the_best_model_through_the_shards(tmp_path, deepspeed_json,
                                                                              monkeypatch):
-    proc = run_zero3_init(tmp_path, FAST + BATCH + ["--max_steps", "4", "--eval_steps", "2", "--output_dir", "out"],
-                          deepspeed_json)
-    shares = built_shares(proc)
+    run_zero3_init(tmp_path, FAST + BATCH + ["--max_steps", "4", "--eval_steps", "2", "--output_dir", "out"],
+                   deepspeed_json)
+    shares = built_shares(tmp_path / "out")
     assert len(shares) == 2
     for held, total in shares:  # never whole on a rank: about half each, all of it between them
         assert held < 0.6 * total
@@ -75,8 +75,8 @@ def test_zero3_built_model_is_initialised_like_a_whole_one(tmp_path, deepspeed_j
     """At lr 0 the exported weights are the initial ones: a 2-process ZeRO-3 build (partitioned) against a
     1-process build, seed alike. The random streams differ, so each tensor's distribution is compared."""
     frozen = ["--max_steps", "1", "--lr", "0", "--max_eval_samples", "2", "--max_test_samples", "2"]
-    assert len(built_shares(run_zero3_init(tmp_path, FAST + BATCH + frozen + ["--output_dir", "zero3"],
-                                           deepspeed_json))) == 2
+    run_zero3_init(tmp_path, FAST + BATCH + frozen + ["--output_dir", "zero3"], deepspeed_json)
+    assert len(built_shares(tmp_path / "zero3")) == 2
     run_train(tmp_path, FAST + ["--batch_size", "8"] + frozen + ["--output_dir", "whole"])
     sharded = load_file(str(tmp_path / "zero3" / "final" / "model.safetensors"))
     whole = load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))

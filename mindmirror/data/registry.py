@@ -27,7 +27,8 @@ import numpy as np
 from mindmirror.data import formats
 from mindmirror.data.formats import NO_ANSWER, NO_EVALUATIONS, NO_VERDICT, TOO_FEW_COTS, DataError
 
-MODEL_TYPES = ("standard", "task_prefix_tree1", "task_prefix_tree2")
+SELF_EVAL = "task_prefix_tree2"  # the model type that trains on self-evaluations (verdicts of CoTs)
+MODEL_TYPES = ("standard", "task_prefix_tree1", SELF_EVAL)
 LABEL_TYPES = ("gt", "llm")
 BUNDLED_DATA_DIR = Path(__file__).resolve().parent.parent / "assets" / "data"
 
@@ -88,6 +89,16 @@ class Skip:
         return str(DataError(self.file, self.record, self.problem))
 
 
+def _by_reason(skipped: list[Skip]) -> dict[str, int]:
+    """How many of ``skipped`` there are for each reason, by reason name."""
+    return dict(sorted(collections.Counter(s.reason for s in skipped).items()))
+
+
+def _reason_counts(skipped: list[Skip]) -> str:
+    """The counts of :func:`_by_reason` as text: ``no_answer 3, no_verdict 1``."""
+    return ", ".join(f"{k} {v}" for k, v in _by_reason(skipped).items())
+
+
 @dataclass
 class BuildReport:
     """What building the rows did: counts per split and the bad records that were skipped."""
@@ -100,7 +111,7 @@ class BuildReport:
     def counts(self) -> dict:
         """Skipped questions in all, by reason and by split (for ``summary.json``)."""
         return {"total": len(self.skipped),
-                "by_reason": dict(sorted(collections.Counter(s.reason for s in self.skipped).items())),
+                "by_reason": _by_reason(self.skipped),
                 "by_split": dict(collections.Counter(s.split for s in self.skipped))}
 
     def summary(self, name: str) -> str:
@@ -108,9 +119,8 @@ class BuildReport:
         line = f"{name}: " + ", ".join(parts)
         if not self.skipped:
             return line + "; no bad records"
-        reasons = ", ".join(f"{k} {v}" for k, v in self.counts()["by_reason"].items())
-        return line + f"; skipped {len(self.skipped)} questions with unusable teacher text ({reasons}; first: " \
-                      f"{self.skipped[0]})"
+        return line + f"; skipped {len(self.skipped)} questions with unusable teacher text " \
+                      f"({_reason_counts(self.skipped)}; first: {self.skipped[0]})"
 
     def to_dict(self) -> dict:
         return {"rows": self.rows, "questions": self.questions,
@@ -247,7 +257,7 @@ def _tree_rows(q: _Question, family: str, model_type: str, label_type: str, bran
     rows = []
     for b in range(branches):
         cot = t.cots[b]
-        if model_type == "task_prefix_tree2":
+        if model_type == SELF_EVAL:
             if b >= len(t.evaluations) or not t.evaluations[b]:
                 raise DataError(t.source, t.record, f"CoT {b} has no self-evaluations", NO_EVALUATIONS,
                                 formats.excerpt(cot))
@@ -284,7 +294,7 @@ def _train_rows(q: _Question, spec: DatasetSpec, model_type: str, label_type: st
 
 def _eval_rows(q: _Question, spec: DatasetSpec, model_type: str) -> list[TaskRow]:
     """Evaluation rows: gold labels, one per question (every self-evaluation for tree2)."""
-    if model_type == "task_prefix_tree2":
+    if model_type == SELF_EVAL:
         t = q.teacher
         return _tree_rows(q, spec.family, model_type, "llm", len(t.cots)) if t is not None else []
     _check_order(q)
@@ -298,10 +308,10 @@ def _eval_rows(q: _Question, spec: DatasetSpec, model_type: str) -> list[TaskRow
 
 def validate_choice(model_type: str, label_type: str, spec: DatasetSpec, branches: int) -> None:
     """Reject combinations of flags that the dataset cannot serve."""
-    if model_type == "task_prefix_tree2" and spec.layout != "tree":
-        raise ValueError(f"--model_type task_prefix_tree2 needs self-evaluations, which only tree-of-thought "
+    if model_type == SELF_EVAL and spec.layout != "tree":
+        raise ValueError(f"--model_type {SELF_EVAL} needs self-evaluations, which only tree-of-thought "
                          f"datasets have; {spec.name} is in the DSS layout (use {spec.family}_tree2)")
-    if model_type != "task_prefix_tree2" and spec.name.endswith("_tree2"):
+    if model_type != SELF_EVAL and spec.name.endswith("_tree2"):
         raise ValueError(f"{spec.name} holds self-evaluation rows; --model_type {model_type} trains on "
                          f"questions: use --dataset {spec.family}_tree1")
     if spec.layout == "dss" and branches != 1:
@@ -385,11 +395,10 @@ def _check_bad_fraction(report: BuildReport, split: str, total: int, limit: floa
     """Stop when a split is mostly bad: a wrong file or format, not a few messy generations."""
     bad = [s for s in report.skipped if s.split == split]
     if total and len(bad) / total > limit:
-        reasons = ", ".join(f"{k} {v}" for k, v in sorted(collections.Counter(s.reason for s in bad).items()))
         raise DataError(where, None,
                         f"{len(bad)} of the {total} questions of the {split} split ({len(bad) / total:.1%}) have "
-                        f"unusable teacher text ({reasons}), more than --max_bad_fraction {limit:g}: are these "
-                        f"files in the format of this dataset? First: {bad[0]}. To train on the rest anyway, "
+                        f"unusable teacher text ({_reason_counts(bad)}), more than --max_bad_fraction {limit:g}: are "
+                        f"these files in the format of this dataset? First: {bad[0]}. To train on the rest anyway, "
                         "raise --max_bad_fraction (or pass --skip_bad_records)")
 
 

@@ -1,0 +1,49 @@
+"""AdamW's parameter groups, the optimizer, and the learning-rate schedule of the loop."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from accelerate.utils import DummyOptim
+
+from mindmirror.config import TrainConfig
+
+
+def lr_lambda(cfg: TrainConfig, total_steps: int):
+    """The lr factor of each optimizer step: linear warm-up, then constant, linear decay or cosine decay
+    to zero. Returns ``(factor, warmup_steps)``."""
+    warmup = int(cfg.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if cfg.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return max(0.0, 1.0 - progress) if cfg.lr_scheduler == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor, warmup
+
+
+def no_decay(name: str) -> bool:
+    """Biases and layer norms are not decayed."""
+    return name.endswith("bias") or "layer_norm" in name
+
+
+def param_groups(model) -> list[list[tuple[str, torch.nn.Parameter]]]:
+    """The trainable (name, parameter) pairs of AdamW's two groups, in order: decayed weights, then biases
+    and layer norms. A saved optimizer numbers its parameters in this order (elastic resume reads it so)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [[(n, p) for n, p in params if not no_decay(n)], [(n, p) for n, p in params if no_decay(n)]]
+
+
+def build_optimizer(cfg: TrainConfig, model, ds_config: dict | None):
+    """AdamW, or DeepSpeed's optimizer (a DummyOptim placeholder) when its JSON names one."""
+    decayed, not_decayed = param_groups(model)
+    groups = [{"params": [p for _, p in decayed], "weight_decay": cfg.weight_decay},
+              {"params": [p for _, p in not_decayed], "weight_decay": 0.0}]
+    if ds_config and "optimizer" in ds_config:
+        return DummyOptim(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    fused = {"fused": True} if torch.cuda.is_available() else {"foreach": True}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, **fused)
