@@ -469,6 +469,7 @@ class Trainer:
         if state.last_eval_step == state.step:
             return
         state.last_eval_step = state.step
+        t_eval = time.time()
         with runtime.generation_autocast(self.accelerator):
             result, records = evaluate.evaluate_split(
                 run.t5, run.tokenizer, run.tables["valid"], family=DATASETS[self.cfg.dataset].family,
@@ -478,7 +479,8 @@ class Trainer:
         accuracy = result["accuracy"]
         if run.is_main:  # the latest evaluation's outputs, for error analysis and export checks
             evaluate.write_records(run.out / runfiles.VALID_PREDICTIONS, records)
-        self.emit({"step": state.step, "split": "valid", "accuracy": accuracy, "rows": result["rows"]})
+        self.emit({"step": state.step, "split": "valid", "accuracy": accuracy, "rows": result["rows"],
+                   "eval_s": time.time() - t_eval})
         if accuracy > state.best_valid_accuracy:
             state.best_valid_accuracy, state.best_step = accuracy, state.step
             checkpoint.export_model(self.accelerator, run.model, run.tokenizer, run.out / runfiles.BEST,
