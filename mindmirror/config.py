@@ -42,7 +42,7 @@ class TrainConfig:
     run: int = _arg(0, "Random seed of the run (initialisation, shuffling, subsampling).")
     prompt: bool = _arg(False, "Original flag: prepend the (empty) prompt of the original code. Accepted; no effect.")
     num_train_branches: int = _arg(1, "CoTs used per training question (1 to what the teacher files hold).")
-    num_train_epochs: float = _arg(6.0, "Epochs over the training rows (ignored when --max_steps > 0).")
+    num_train_epochs: float = _arg(7.0, "Epochs over the training rows (ignored when --max_steps > 0).")
     lr: float = _arg(2e-3, "Peak learning rate of AdamW (the paper used 5e-5 for pretrained t5-v1_1).")
     continue_train: bool = _arg(False, "Stage 2: start from the stage-1 export (task_prefix_tree2 on the same "
                                        "dataset family) found at the place --output_dir's default would give it; "
