@@ -19,19 +19,21 @@ import sys
 from pathlib import Path
 
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s%(rank)s: %(message)s"
+FILE_ONLY = {"console": False}
 HELD_RECORDS = 10_000  # records kept until the log file opens (the oldest are dropped beyond this)
 
 
 class ConsoleFilter(logging.Filter):
     """mindmirror's lines (info on the main process, warnings on every rank) and other libraries' errors;
-    with ``verbose``, every library's lines too, as before this filter existed."""
+    with ``verbose``, every library's lines too, as before this filter existed. A record logged with
+    ``extra=FILE_ONLY`` is for log.txt alone (the console got it another way, e.g. above a progress bar)."""
 
     def __init__(self, verbose: bool, is_main: bool):
         super().__init__()
         self.verbose, self.floor = verbose, logging.INFO if is_main else logging.WARNING
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < self.floor:
+        if record.levelno < self.floor or not getattr(record, "console", True):
             return False
         return self.verbose or record.name.startswith("mindmirror") or record.levelno >= logging.ERROR
 

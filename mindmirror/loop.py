@@ -486,7 +486,9 @@ class Trainer:
             checkpoint.export_model(self.accelerator, run.model, run.tokenizer, run.out / runfiles.BEST,
                                     {"step": state.step, "valid_accuracy": accuracy})
         if run.is_main:
-            tqdm.write(f"step {state.step}: valid accuracy {accuracy:.3f} (best {state.best_valid_accuracy:.3f})")
+            line = f"step {state.step}: valid accuracy {accuracy:.3f} (best {state.best_valid_accuracy:.3f})"
+            tqdm.write(line)  # above the progress bar
+            log.info(line, extra=logs.FILE_ONLY)
 
     def maybe_save(self) -> None:
         if self.cfg.save_steps and self.state.step % self.cfg.save_steps == 0:

@@ -27,9 +27,9 @@ def earlier_stages(init_from: str) -> list[dict]:
     """The ``stages`` of the run whose export ``init_from`` names (``[]`` when it has no summary)."""
     try:
         previous = json.loads((Path(init_from).parent / SUMMARY).read_text()) if init_from else None
-    except (OSError, ValueError):
+        return [] if previous is None else previous.get("stages") or [stage_cost(previous)]
+    except (OSError, ValueError, KeyError, AttributeError):  # unreadable, or not a finished run's summary
         return []
-    return [] if previous is None else previous.get("stages") or [stage_cost(previous)]
 
 
 def format_table(rows: list[tuple[str, object]]) -> str:

@@ -397,6 +397,8 @@ OLD_STAGES = [{"experiment": "s0", "final_step": 10, "wall_s": 5.0},
     ("{not json", []),  # unreadable
     ("", []),
     ("\xff\xfe garbage", []),
+    (json.dumps({"model_type": "task_prefix_tree1"}), []),  # not a finished run's summary
+    (json.dumps([A_SUMMARY]), []),
 ])
 @pytest.mark.parametrize("export", ["best", "final"])
 def test_earlier_stages(tmp_path, summary_text, expected, export):

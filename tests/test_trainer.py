@@ -58,6 +58,7 @@ def test_the_console_is_quiet_and_log_txt_has_the_full_record(baseline):
     full = (baseline / "log.txt").read_text()
     assert "[RANK 0] Saving current state" in full and "WARNING" in full  # accelerate's notes and warnings
     assert "svamp_tree1: train" in full and "model tiny:" in full  # and mindmirror's own lines
+    assert full.count(": valid accuracy") == console.count(": valid accuracy") == 2  # each evaluation, shown once
     # The export says what is tied: t5-v1_1's output projection is its own.
     assert json.loads((baseline / "final" / "config.json").read_text())["tie_word_embeddings"] is False
 
