@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mindmirror.objective import IGNORE
+from mindmirror.objective import IGNORE, find_target_positions
 
 LENGTH_WINDOW = 50  # global batches per length-sorting window
 
@@ -85,7 +85,7 @@ class Collator:
         decoder_input_ids[decoder_input_ids == IGNORE] = self.pad_id
         return {f"{prefix}input_ids": input_ids, f"{prefix}attention_mask": (input_ids != self.pad_id).long(),
                 f"{prefix}decoder_input_ids": decoder_input_ids, f"{prefix}labels": labels,
-                f"{prefix}target_positions": target_positions(labels)}
+                f"{prefix}target_positions": find_target_positions(labels)}
 
     def __call__(self, rows: list[dict] | dict[str, list]) -> dict[str, torch.Tensor]:
         """Tensors of a micro-batch given as rows, or as columns (what indexing a ``datasets`` table gives)."""
@@ -97,7 +97,3 @@ class Collator:
                                               len(batch["expl_target_positions"]) if self.with_rationale else 0])
         return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch
 
-
-def target_positions(labels: torch.Tensor) -> torch.Tensor:
-    """Flat indices (row-major) of the real target tokens of a padded label tensor."""
-    return (labels.reshape(-1) != IGNORE).nonzero().squeeze(1)

@@ -18,6 +18,11 @@ from torch import nn
 IGNORE = -100
 
 
+def find_target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Flat indices (row-major) of the real target tokens of a padded label tensor."""
+    return (labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
+
+
 class DistillationObjective(nn.Module):
     """Wraps a ``T5ForConditionalGeneration``; ``forward`` returns the token-loss sums of both tasks.
 
@@ -39,7 +44,7 @@ class DistillationObjective(nn.Module):
         hidden = t5.decoder(input_ids=decoder_input_ids, encoder_hidden_states=encoded,
                             encoder_attention_mask=attention_mask)[0]
         if target_positions is None:
-            target_positions = (labels.reshape(-1) != IGNORE).nonzero().squeeze(1)
+            target_positions = find_target_positions(labels)
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, target_positions)
         # Original T5 scales the decoder output before its tied projection; t5-v1_1 does not.
         if getattr(t5.config, "scale_decoder_outputs", t5.config.tie_word_embeddings):
