@@ -13,9 +13,16 @@ def _run(command, argv) -> int:
     try:
         command(argv)
     except (ValueError, FileNotFoundError, DataError, ModelLoadError) as e:
-        print(f"mindmirror: error: {e}", file=sys.stderr)
+        _error_line(e)
         return 2
     return 0
+
+
+def _error_line(error: Exception) -> None:
+    """The error as one line on stderr, in a single write: ``print`` writes the text and the newline
+    separately, so the lines of ranks failing together could run into one another."""
+    sys.stderr.write(f"mindmirror: error: {error}\n")
+    sys.stderr.flush()
 
 
 def train_main(argv: list[str] | None = None) -> int:
@@ -37,7 +44,7 @@ def train_main(argv: list[str] | None = None) -> int:
     except Preempted as e:  # the checkpoint is saved; the Slurm templates requeue on this code
         code = e.exit_code
     except NonFiniteLossError as e:
-        print(f"mindmirror: error: {e}", file=sys.stderr)
+        _error_line(e)
         code = 1
     if os.environ.get("LOCAL_RANK") is not None:  # a launched process: every output is written and closed
         _leave(code)
