@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from mindmirror import elastic
+from mindmirror.model import save_tokenizer
 from mindmirror.runfiles import BEST, CHECKPOINTS, EXPORT_INFO
 
 log = logging.getLogger(__name__)
@@ -233,7 +234,7 @@ def export_model(accelerator, model, tokenizer, folder: Path, extra: dict | None
             t5_state.pop(tied, None)
         t5.save_pretrained(tmp, state_dict=t5_state, safe_serialization=True)
         say_what_is_tied(tmp / "config.json", t5)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         if extra:
             (tmp / EXPORT_INFO).write_text(json.dumps(extra, indent=2))
         shutil.rmtree(folder, ignore_errors=True)

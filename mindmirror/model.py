@@ -84,6 +84,25 @@ def eval_mode(module):
         module.train(was_training)
 
 
+# Download options transformers records in ``tokenizer_config.json`` from how the tokenizer was loaded (with
+# HF_HUB_OFFLINE=1 it writes "local_files_only": true): facts about one machine, not about the tokenizer.
+_LOAD_TIME_KEYS = ("local_files_only", "cache_dir", "force_download", "proxies", "token", "revision", "subfolder",
+                   "_commit_hash")
+
+
+def save_tokenizer(tokenizer, folder: str | Path) -> None:
+    """``tokenizer.save_pretrained(folder)`` without the options of how it was loaded, so that what is
+    saved is the same on every machine (an offline cluster, a laptop)."""
+    tokenizer.save_pretrained(str(folder))
+    path = Path(folder) / "tokenizer_config.json"
+    if path.is_file():
+        config = json.loads(path.read_text(encoding="utf-8"))
+        if any(key in config for key in _LOAD_TIME_KEYS):
+            for key in _LOAD_TIME_KEYS:
+                config.pop(key, None)
+            path.write_text(json.dumps(config, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
 def load_tokenizer(name: str, from_pretrained: str, random_init: bool):
     """The tokenizer: ``name`` if given, else the bundled one for built models, else the model's own."""
     from transformers import AutoTokenizer

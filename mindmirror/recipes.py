@@ -15,7 +15,9 @@ defaults (batch 16, lr 5e-5 constant, 1,024 input tokens, alpha 0.5); ``--epoch_
 every stage's epochs for small studies and ``--se_epoch_scale`` the self-evaluation stages' alone
 (they see 25 rows a question, so at the paper's epochs they cost several times the rest). After the
 last stage the selected model is evaluated on the test split with test-time self-evaluation
-(:mod:`mindmirror.eval_cli`). Runs go to ``<output_dir>/<dataset>/<model>/<recipe>/s<run>/stage<i>``;
+(:mod:`mindmirror.eval_cli`). ``--data_dir`` names the folder holding ``<dataset>_tree1`` and
+``<dataset>_tree2`` (what ``mindmirror-teacher run --output_dir`` wrote; default: the bundled data).
+Runs go to ``<output_dir>/<dataset>/<model>/<recipe>/s<run>/stage<i>``;
 finished stages are skipped, so a stopped study continues where it was; ``mindmirror-report
 <output_dir>`` makes the results table.
 """
@@ -79,7 +81,8 @@ def stage_command(args, recipe: Recipe, i: int, seed: int) -> list[str]:
              "--run", str(seed), "--batch_size", str(args.batch_size), "--lr", str(args.lr),
              "--lr_scheduler", args.lr_scheduler, "--warmup_ratio", str(args.warmup_ratio),
              "--max_input_length", str(args.max_input_length), "--alpha", str(args.alpha),
-             "--label_type", args.label_type, "--experiment", recipe.name if i == len(recipe.stages) - 1
+             "--label_type", args.label_type, *(["--data_dir", str(Path(args.data_dir).resolve())] if args.data_dir
+                                                else []), "--experiment", recipe.name if i == len(recipe.stages) - 1
              else f"{recipe.name}/stage{i + 1}", "--output_dir", str(root / f"stage{i + 1}"), "--resume"]
     if i > 0:
         previous = (root / f"stage{i}" / runfiles.BEST).resolve()  # valid from any working directory
@@ -134,6 +137,9 @@ def parse_args(argv=None):
     p.add_argument("--recipes", type=csv_list(str), default=list(RECIPES), help=f"from {', '.join(RECIPES)}")
     p.add_argument("--dataset", default="svamp", choices=FAMILIES,
                    help="dataset family: stages read <dataset>_tree1 and <dataset>_tree2")
+    p.add_argument("--data_dir", default="",
+                   help="folder holding <dataset>_tree1 and <dataset>_tree2, e.g. the --output_dir of "
+                        "mindmirror-teacher run; empty: the bundled data")
     p.add_argument("--model", default="google/t5-v1_1-base", help="--from_pretrained of stage 1 (a Hub id, folder "
                                                                   "or size name)")
     p.add_argument("--runs", type=csv_list(int), default=[0], help="seeds (--run), one run of each recipe per seed")
@@ -161,6 +167,16 @@ def parse_args(argv=None):
     for name in args.recipes:
         if name not in RECIPES:
             p.error(f"--recipes: {name!r} is not one of {', '.join(RECIPES)}")
+    if any(a == "--data_dir" or a.startswith("--data_dir=") for a in args.train_args):
+        p.error("give --data_dir to mindmirror-recipes itself, not after --")
+    if args.data_dir:
+        needed = {f"{args.dataset}_tree2" if stage.self_evaluation else f"{args.dataset}_tree1"
+                  for name in args.recipes for stage in RECIPES[name].stages}
+        missing = sorted(d for d in needed if not (Path(args.data_dir) / d).is_dir())
+        if missing:
+            p.error(f"--data_dir {args.data_dir} has no {' or '.join(missing)} folder, which the recipes "
+                    f"{', '.join(args.recipes)} train on (mindmirror-teacher run --dataset {args.dataset} "
+                    f"--output_dir {args.data_dir} writes both)")
     return args
 
 

@@ -1,10 +1,12 @@
 """Helpers for the data-pipeline tests: a small builder that writes every file layout the trainer
 reads (tree-of-thought teacher files, prepared jsonl, the DSS layout, CQA and ANLI ground truth)
-into ``tmp_path``, plus the location of the real seed sample.
+into ``tmp_path``, plus :func:`write_seed_format`, two questions per split in the exact form of the
+paper's released files (indented teacher records, one-line jsonl with escaped slashes, CoTs that
+repeat, answers in two orders, mixed verdicts), written by the project, not copied.
 
 Test modules import this file (``from datafixtures import ...``) and re-export the ``data`` and
 ``seed_dir`` fixtures. Nothing here imports mindmirror, so the files are written from the format
-description (MISSION.md), not from the code under test.
+description (MISSION.md), not from the code under test, and no test reads outside the repository.
 """
 
 from __future__ import annotations
@@ -16,8 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-SEED_SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "seed-sample"
 
 ANLI_NAMES = ("entailment", "neutral", "contradiction")
 # Verdicts of the 5 self-evaluations of every CoT in the synthetic data (2 wrong, 1 uncertain).
@@ -279,7 +279,98 @@ def data(tmp_path) -> DataBuilder:
 
 
 @pytest.fixture
-def seed_dir() -> Path:
-    if not ((SEED_SAMPLE / "svamp_tree1").is_dir() and (SEED_SAMPLE / "svamp_tree2").is_dir()):
-        pytest.skip(f"seed sample not found at {SEED_SAMPLE}")
-    return SEED_SAMPLE
+def seed_dir(tmp_path) -> Path:
+    """A data folder holding ``svamp_tree1`` and ``svamp_tree2`` in the seed's exact form (see below)."""
+    return write_seed_format(tmp_path / "seed-format")
+
+
+# ---------------------------------------------------------------------------------------------
+# The seed's exact form
+
+# (question, gold equation, [(CoT answer, rationale, verdicts of its 5 self-evaluations)]) per split,
+# modelled on the released SVAMP sample: identical CoTs, the same answer in two orders, a nested
+# equation, one question whose CoTs the teacher doubts.
+_SEED_FORM = {
+    "train": [
+        ("Luke scored 84 points after playing 2 rounds of a trivia game. If he gained the same number of points "
+         "each round\nHow many points did he score per round?", "( 84.0 / 2.0 )",
+         [("(84 / 2)", "Luke has 84 points from 2 rounds with equal points, so each round gave 84 / 2 points.",
+           "ccccc"),
+          ("(84 / 2)", "The 84 points are shared equally by the 2 rounds. Therefore, the equation is 84 / 2. \n",
+           "ccccc"),
+          ("(84 / 2)", "Each of the 2 rounds gave the same points, so one round gave 84 / 2 = 42.", "ccccc"),
+          ("(84 / 2)", "He scored 84 / 2 = 42 points per round.", "ccccc"),
+          ("(84 / 2)", "He scored 84 / 2 = 42 points per round.", "ccccc")]),
+        ("Faye was placing her pencils and crayons into 7 rows with 36 pencils and 30 crayons in each row.\nHow "
+         "many crayons does she have?", "( 7.0 * 30.0 )",
+         [("(30 * 7)", "Each of the 7 rows holds 30 crayons, so she has 30 * 7 = 210 crayons.", "ccccc"),
+          ("(7 * 30)", "There are 7 rows of 30 crayons, so she has 7 * 30 = 210 crayons.", "wcccc"),
+          ("(7 * 30)", "There are 7 rows of 30 crayons, so she has 7 * 30 = 210 crayons.", "ccccc"),
+          ("(7 * 30)", "The pencils do not matter. In total, she has 7 * 30 = 210 crayons.", "cccwc"),
+          ("(7 * 30)", "There are 7 rows of 30 crayons, so she has 7 * 30 = 210 crayons.", "ccccc")]),
+    ],
+    "test": [
+        ("Paige was helping her mom plant flowers and together they planted some seeds. They put 10 seeds in each "
+         "flower bed. If there are 45 flowerbeds\nHow many seeds did they plant?", "( 10.0 * 45.0 )",
+         [("(10 * 45)", "With 10 seeds in each of 45 beds they planted a total of 10 * 45 = 450 seeds.", "ccccc")]
+         * 5),
+        ("Jack received 3 emails in the afternoon, 6 emails in the morning and some more in the evening. If he "
+         "received a total of 10 emails in the day\nHow many emails did jack receive in the evening?",
+         "( 10.0 - ( 6.0 + 3.0 ) )",
+         [("(10 - (3 + 6))", "He got 3 + 6 emails before the evening, so 10 - (3 + 6) = 1 email in the evening.",
+           "wccww"),
+          ("(10 - (3 + 6))", "Of the 10 emails, 3 + 6 came earlier, so 10 - (3 + 6) = 1 email in the evening.",
+           "ccccc"),
+          ("(10 - (3 + 6))", "He got 3 + 6 emails before the evening, so 10 - (3 + 6) = 1 email in the evening.",
+           "wwcwc"),
+          ("(10 - 3 - 6)", "Taking away the afternoon and the morning leaves 10 - 3 - 6 = 1 email in the evening.",
+           "ucuww"),
+          ("(10 - 3 - 6)", "Taking away both leaves 10 - (3 - 6) = 1 email in the evening.", "wwwww")]),
+    ],
+}
+_SEED_VERDICTS = {"c": "correct", "w": "wrong", "u": "uncertain"}
+_SEED_VALUE = {"correct": 20.0, "uncertain": 1.0, "wrong": 0.001}  # the tree-of-thought value of a verdict
+
+
+def _seed_evaluation(rationale: str, k: int, verdict: str) -> str:
+    judgement = {"correct": "which is accurate", "wrong": "which does not follow from the question",
+                 "uncertain": "but the question leaves the number open"}[verdict]
+    return (f"Evaluation:\n\nThe given answer says: {rationale.strip()} Check {k + 1} reads each step, "
+            f"{judgement}.\n\nEvaluation result: the given answer is {verdict}.")
+
+
+def write_seed_format(root: Path) -> Path:
+    """Write ``svamp_tree1`` and ``svamp_tree2`` under ``root`` exactly as the released files are laid out.
+
+    Teacher records are a JSON list indented by 4 (keys ``steps, idx, ys, usage_so_far``); the
+    prepared files are JSON lines joined by newlines with no final one and ``/`` escaped as ``\\/``
+    in tree1 only; the tree2 rows hold one (CoT, verdict) pair per self-evaluation.
+    """
+    for split, questions in _SEED_FORM.items():
+        records, gt, verdict_rows, prompt, completion = [], [], [], 0, 0
+        for idx, (question, gold, cots) in enumerate(questions):
+            texts = [f"{rationale}{chr(10) if rationale.endswith(chr(10)) else ' '}The answer is {answer}."
+                     for answer, rationale, _ in cots]
+            evaluations = [[_seed_evaluation(rationale, k, _SEED_VERDICTS[v]) for k, v in enumerate(verdicts)]
+                           for _, rationale, verdicts in cots]
+            values = [round(sum(_SEED_VALUE[_SEED_VERDICTS[v]] for v in verdicts), 3) for _, _, verdicts in cots]
+            best = [texts[values.index(max(values))]]
+            prompt, completion = prompt + 7200 + 10 * idx, completion + 2300 + 40 * idx
+            records.append({
+                "steps": [{"step": 0, "x": '"input":' + json.dumps(question) + "\n", "ys": [""], "new_ys": texts,
+                           "value_outputs_list": evaluations, "values": values, "select_new_ys": best}],
+                "idx": idx, "ys": best,
+                "usage_so_far": {"completion_tokens": completion, "prompt_tokens": prompt,
+                                 "cost": round((prompt * 0.0015 + completion * 0.002) / 1000, 7)}})
+            gt.append({"input": question, "label": gold})
+            verdict_rows += [{"input": text, "label": _SEED_VERDICTS[v]}
+                             for text, (_, _, verdicts) in zip(texts, cots) for v in verdicts]
+        for name, rows in (("svamp_tree1", gt), ("svamp_tree2", verdict_rows)):
+            folder = root / name
+            (folder / "llm").mkdir(parents=True, exist_ok=True)
+            (folder / "llm" / f"{split}_CoT_0.json").write_text(json.dumps(records, indent=4), encoding="utf-8")
+            lines = [json.dumps(r, separators=(",", ":")) for r in rows]
+            text = "\n".join(lines)
+            (folder / f"{name}_{split}.json").write_text(text.replace("/", "\\/") if name == "svamp_tree1" else text,
+                                                        encoding="utf-8")
+    return root

@@ -5,12 +5,11 @@ processes on fixtures the tests write (and on the seed's sample files where they
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from conftest import FAST, run_train
-from datafixtures import SEED_SAMPLE, data, svamp_questions  # noqa: F401  (data is a fixture)
+from datafixtures import data, svamp_questions, write_seed_format  # noqa: F401  (data is a fixture)
 from mindmirror.data.registry import SELF_EVAL
 
 pytestmark = pytest.mark.slow
@@ -66,13 +65,11 @@ def test_a_mostly_bad_file_and_strict_data_stop_naming_file_and_record(data, tmp
     assert f"{data.teacher_path('svamp_tree1', 'train')}: record 5: CoT 0 has no parsable answer" in proc.stderr
 
 
-@pytest.mark.parametrize("source", ["fixture", "seed-sample"])
+@pytest.mark.parametrize("source", ["fixture", "seed-form"])
 def test_a_two_question_data_set_trains_at_batch_16(data, tmp_path, source):
     """The seed README's command lines (batch 16) on 2 questions: the batch is clamped to the data."""
-    if source == "seed-sample":
-        if not SEED_SAMPLE.is_dir():
-            pytest.skip("the seed's sample files are not beside this clone")
-        shutil.copytree(SEED_SAMPLE / "svamp_tree1", data.root / "svamp_tree1")
+    if source == "seed-form":
+        write_seed_format(data.root)
     else:
         data.tree("svamp_tree1", {"train": svamp_questions(2), "test": svamp_questions(2, start=50)})
     proc = run_train(tmp_path, ["--data_dir", str(data.root), "--dataset", "svamp_tree1", "--batch_size", "16",

@@ -1,10 +1,12 @@
 """Model factory: exact t5-v1_1 architectures without downloads, the bundled tokenizer, clear errors."""
 
+import json
+
 import pytest
 import torch
 
 from mindmirror.cli import train_main
-from mindmirror.model import BUNDLED_TOKENIZER, ModelLoadError, load_model, load_tokenizer
+from mindmirror.model import BUNDLED_TOKENIZER, ModelLoadError, load_model, load_tokenizer, save_tokenizer
 
 # Parameter counts of the published google/t5-v1_1 checkpoints (vocabulary 32128, untied lm_head).
 PUBLISHED = {"t5-v1_1-small": 76_961_152, "t5-v1_1-base": 247_577_856, "t5-v1_1-large": 783_150_080}
@@ -50,3 +52,14 @@ def test_unreachable_weights_say_how_to_use_random_init(monkeypatch, tmp_path, c
         load_model("google/t5-v1_1-base", _Vocab(100))
     assert train_main(["--from_pretrained", "google/t5-v1_1-base", "--report_to", "none"]) == 2
     assert "--random_init" in capsys.readouterr().err
+
+
+def test_a_saved_tokenizer_does_not_record_how_it_was_loaded(tmp_path):
+    """Loaded offline (as HF_HUB_OFFLINE=1 does), the tokenizer an export saves is still the shipped one."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(BUNDLED_TOKENIZER), local_files_only=True)
+    save_tokenizer(tokenizer, tmp_path)
+    saved = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert "local_files_only" not in saved
+    assert saved == json.loads((BUNDLED_TOKENIZER / "tokenizer_config.json").read_text())

@@ -63,6 +63,30 @@ def test_unknown_recipe_is_refused(capsys):
     assert "'cot3' is not one of standard, cot1, cot1_se, cot5, cot5_se" in capsys.readouterr().err
 
 
+def test_data_dir_reaches_every_stage_and_must_hold_the_datasets(tmp_path, capsys):
+    """--data_dir (mindmirror-teacher's --output_dir) goes to every stage, as an absolute path; a folder
+    without the recipes' datasets is refused before anything runs."""
+    teacher_out = tmp_path / "teacher"
+    with pytest.raises(SystemExit):
+        recipes.main(["--dry_run", "--data_dir", str(teacher_out), "--recipes", "cot1_se"])
+    err = capsys.readouterr().err
+    assert "has no svamp_tree1 or svamp_tree2 folder" in err and "mindmirror-teacher run --dataset svamp" in err
+    (teacher_out / "svamp_tree1").mkdir(parents=True)
+    with pytest.raises(SystemExit):  # cot1_se's stage 1 reads the self-evaluations
+        recipes.main(["--dry_run", "--data_dir", str(teacher_out), "--recipes", "cot1_se"])
+    assert "has no svamp_tree2 folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        recipes.main(["--dry_run", "--recipes", "cot1", "--", "--data_dir", str(teacher_out)])
+    assert "give --data_dir to mindmirror-recipes itself" in capsys.readouterr().err
+
+    (teacher_out / "svamp_tree2").mkdir()
+    assert recipes.main(["--dry_run", "--data_dir", str(teacher_out), "--recipes", "cot1,cot1_se"]) == 0
+    commands = [shlex.split(line)[3:] for line in capsys.readouterr().out.splitlines() if line.startswith("accelerate")]
+    assert len(commands) == 3 and all(parse(c)["--data_dir"] == str(teacher_out.resolve()) for c in commands)
+    assert recipes.main(["--dry_run", "--recipes", "cot1"]) == 0  # the bundled data: no --data_dir at all
+    assert "--data_dir" not in capsys.readouterr().out
+
+
 # ---- the report on hand-made runs ---------------------------------------------------------------
 
 

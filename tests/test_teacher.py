@@ -20,7 +20,7 @@ import pytest
 
 from chat_server import ChatServer, wrong_label
 from conftest import FAST, REPO, run_train
-from datafixtures import SEED_SAMPLE
+from datafixtures import seed_dir  # noqa: F401  (a fixture)
 from mindmirror.data import formats, registry
 from mindmirror.teacher import cli
 from mindmirror.teacher.client import RateLimiter, RetryPolicy, retry_after_seconds
@@ -83,12 +83,12 @@ def right(qi: int, j: int) -> bool:
     return (qi + j) % 3 != 2
 
 
-def test_writes_the_seed_layout_in_input_order(server, svamp, tmp_path):
+def test_writes_the_seed_layout_in_input_order(server, svamp, tmp_path, seed_dir):
     src, questions = svamp
     out = tmp_path / "out"
     assert cli.main(teacher_args(server, src, out, "--prompt_price", "0.0015", "--completion_price", "0.002")) == 0
     assert server.unauthorized == 0  # the key went in the Authorization header
-    seed = json.loads((SEED_SAMPLE / "svamp_tree1" / "llm" / "train_CoT_0.json").read_text())
+    seed = json.loads((seed_dir / "svamp_tree1" / "llm" / "train_CoT_0.json").read_text())
     gt = {"train": list(questions)[:8], "test": list(questions)[8:]}
     for split, n_chunks in (("train", 3), ("test", 1)):
         chunks = [out / "svamp_tree1" / "llm" / f"{split}_CoT_{k}.json" for k in range(n_chunks)]

@@ -54,6 +54,7 @@ from collections import Counter
 from pathlib import Path
 
 from mindmirror.data import synthetic
+from mindmirror.model import save_tokenizer
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "assets"
 DEFAULT_VOCAB_SIZE = 1000  # BPE size asked for; SentencePiece's own limit applies when lower
@@ -163,7 +164,7 @@ def train_tokenizer(problems, out_dir: str | Path, vocab_size: int = DEFAULT_VOC
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "spiece.model").write_bytes(spiece)
         tok = T5Tokenizer.from_pretrained(tmp, extra_ids=EXTRA_IDS, model_max_length=MODEL_MAX_LENGTH)
-        tok.save_pretrained(str(out_dir))
+        save_tokenizer(tok, out_dir)
     (out_dir / "spiece.model").write_bytes(spiece)
     return out_dir
 
