@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from datafixtures import seed_dir  # noqa: F401  (a fixture)
-from mindmirror.data import build_assets, synthetic
+from mindmirror.data import build_assets, formats, synthetic
 
 ASSETS = Path(synthetic.__file__).resolve().parents[1] / "assets"
 DATA = ASSETS / "data"
@@ -250,7 +250,6 @@ def test_structure_matches_the_seed_form(shipped_train_records, seed_dir):
 
 
 def test_shipped_files_parse_with_the_project_readers():
-    formats = pytest.importorskip("mindmirror.data.formats")
     for name in ("svamp_tree1", "svamp_tree2"):
         for split in ("train", "test"):
             files = formats.chunk_files(DATA / name / "llm", split)
@@ -317,14 +316,14 @@ def test_small_build_is_deterministic(tmp_path):
 
 @pytest.fixture(scope="module")
 def tok():
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     return transformers.AutoTokenizer.from_pretrained(str(TOKENIZER))
 
 
 @pytest.fixture(scope="module")
 def texts():
     """Texts the trainer feeds: prefixed inputs, gold labels, CoT and evaluation rationales, verdicts."""
-    formats = pytest.importorskip("mindmirror.data.formats")
     gt = jsonl(DATA / "svamp_tree1" / "svamp_tree1_test.json.gz")
     records = json.loads(read_gz(DATA / "svamp_tree1" / "llm" / "test_CoT_0.json.gz"))
     out = {"input": [], "label": [], "cot_rationale": [], "cot": [], "eval_rationale": []}
@@ -387,7 +386,8 @@ def test_round_trip(tok, texts):
 
 
 def test_spiece_model_and_hf_tokenizer_agree(tok, texts):
-    spm = pytest.importorskip("sentencepiece")
+    import sentencepiece as spm
+
     sp = spm.SentencePieceProcessor(model_file=str(TOKENIZER / "spiece.model"))
     assert (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id()) == (0, 1, 2, -1)
     assert sp.get_piece_size() == len(tok) - 100
