@@ -8,7 +8,11 @@ the DeepSpeed JSON (``ds_configs/``), as Accelerate users expect.
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import sys
+import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -41,12 +45,14 @@ class TrainConfig:
     max_input_length: int = _arg(1024, "Inputs are truncated to this many tokens.")
     run: int = _arg(0, "Random seed of the run (initialisation, shuffling, subsampling).")
     prompt: bool = _arg(False, "Original flag: prepend the (empty) prompt of the original code. Accepted; no effect.")
-    num_train_branches: int = _arg(1, "CoTs used per training question (1 to what the teacher files hold).")
+    num_train_branches: int = _arg(1, "CoTs used per training question: its first N usable ones (1 to what the "
+                                      "teacher files hold).")
     num_train_epochs: float = _arg(7.0, "Epochs over the training rows (ignored when --max_steps > 0).")
     lr: float = _arg(2e-3, "Peak learning rate of AdamW (the paper used 5e-5 for pretrained t5-v1_1).")
-    continue_train: bool = _arg(False, "Stage 2: start from the stage-1 export (task_prefix_tree2 on the same "
-                                       "dataset family) found at the place --output_dir's default would give it; "
-                                       "see README.")
+    continue_train: bool = _arg(False, "Stage 2: start from the best export of the finished stage-1 run "
+                                       "(task_prefix_tree2 on the same dataset family, model and --run) in its "
+                                       "default --output_dir under runs/, whatever its branch count, alpha and "
+                                       "label type; see README.")
     subsample: float = _arg(1.0, "Fraction of training questions kept (seed --run).")
     max_steps: int = _arg(-1, "Optimizer steps to train; -1: --num_train_epochs decides.")
     eval_steps: int = _arg(0, "Evaluate on the validation split every N optimizer steps (0: at epoch ends only).")
@@ -81,10 +87,12 @@ class TrainConfig:
     max_test_samples: int = _arg(0, "Test on at most this many test rows (0: all).")
     skip_bad_records: bool = _arg(False, "Skip and count every bad record, structural faults included, with no "
                                          "--max_bad_fraction limit.")
-    strict_data: bool = _arg(False, "Stop at the first bad record, even a question whose teacher text cannot be "
-                                    "parsed (by default those are skipped and listed in skipped_records.jsonl).")
-    max_bad_fraction: float = _arg(0.05, "Stop when more than this share of a split's questions have unusable "
-                                         "teacher text (a wrong file or format shows up as mostly bad).")
+    strict_data: bool = _arg(False, "Stop at the first bad record, even a CoT or self-evaluation that cannot be "
+                                    "parsed (by default those are dropped and listed in skipped_records.jsonl).")
+    max_bad_fraction: float = _arg(0.05, "Stop when more than this share of a split's questions are left out for "
+                                         "unusable teacher text (a wrong file or format shows up as mostly bad); "
+                                         "CoTs and self-evaluations dropped from questions that are kept do not "
+                                         "count.")
     save_steps: int = _arg(0, "Save a resumable checkpoint every N optimizer steps (0: at the end only).")
     save_total_limit: int = _arg(2, "Keep this many newest checkpoints.")
     resume: bool = _arg(False, "Continue from the newest complete checkpoint in --output_dir.")
@@ -151,12 +159,10 @@ class TrainConfig:
         if not self.output_dir:
             self.output_dir = str(default_output_dir(self))
         if self.continue_train:
-            stage1 = default_output_dir(self, model_type=SELF_EVAL, dataset=self.dataset.replace("_tree1", "_tree2"))
-            export = stage1 / runfiles.BEST
-            if not export.is_dir():
-                bad(f"--continue_train looks for the stage-1 export at {export}, which does not exist: "
-                    f"run stage 1 ({SELF_EVAL}) first, or pass --init_from PATH")
+            export, line = find_stage1_export(self)
             self.init_from = str(export)
+            if os.environ.get("RANK", "0") == "0":  # the console of the main process (before logging is set up)
+                sys.stderr.write(line + "\n")
         return self
 
 
@@ -166,6 +172,71 @@ def default_output_dir(cfg: TrainConfig, **override) -> Path:
     model = Path(values["from_pretrained"]).name or values["from_pretrained"]
     leaf = f"{values['label_type']}_b{values['num_train_branches']}_a{values['alpha']}_s{values['run']}"
     return Path("runs") / values["dataset"] / values["model_type"] / model / leaf
+
+
+def _finished(run_dir: Path) -> float | None:
+    """When the run in ``run_dir`` finished (its summary.json, written last), or ``None`` if it has not."""
+    try:
+        summary = run_dir / runfiles.SUMMARY
+        return summary.stat().st_mtime if "final_step" in json.loads(summary.read_text()) else None
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def find_stage1_export(cfg: TrainConfig) -> tuple[Path, str]:
+    """The stage-1 export ``--continue_train`` starts from, and a console line saying which and why.
+
+    Stage 1 is a finished ``task_prefix_tree2`` run on ``<family>_tree2`` with the same model and ``--run``, in
+    its default folder ``runs/<family>_tree2/task_prefix_tree2/<model>/<label_type>_b<B>_a<A>_s<run>``. Its
+    branch count, alpha and label type may differ from this run's: the paper's stage 1 uses 5 branches whatever
+    stage 2 uses, alpha weighs other tasks (verdict and evaluation), and self-evaluation labels are the teacher's
+    verdicts whatever --label_type says. When several fit, the one with this run's --num_train_branches, then
+    --alpha, then --label_type is taken, then the newest finished; the line names the others. A resumed run
+    (--resume) keeps the export it started from. Raises ValueError, listing what was found, when none fits.
+    """
+    family = DATASETS[cfg.dataset].family
+    folder = default_output_dir(cfg, model_type=SELF_EVAL, dataset=f"{family}_tree2").parent
+    started = Path(cfg.output_dir) / runfiles.CONFIG
+    if cfg.resume and started.is_file():
+        try:
+            recorded = json.loads(started.read_text()).get("init_from", "")
+        except (OSError, ValueError, AttributeError):
+            recorded = ""
+        if recorded and Path(recorded).is_dir():
+            return Path(recorded), f"--continue_train: resuming from the stage-1 export {recorded}, as this run started"
+    leaf = re.compile(rf"({'|'.join(LABEL_TYPES)})_b(\d+)_a(.+)_s{cfg.run}")
+    found = []  # (export, its flags as text, when it finished or None, preference)
+    for run_dir in sorted(folder.iterdir()) if folder.is_dir() else []:
+        m = leaf.fullmatch(run_dir.name)
+        if m is None or not (run_dir / runfiles.BEST).is_dir():
+            continue
+        label_type, branches, alpha = m.group(1), int(m.group(2)), m.group(3)
+        try:
+            same_alpha = float(alpha) == cfg.alpha
+        except ValueError:
+            continue
+        finished = _finished(run_dir)
+        flags = f"--num_train_branches {branches}, --alpha {alpha}, --label_type {label_type}"
+        found.append((run_dir / runfiles.BEST, flags, finished, (branches == cfg.num_train_branches, same_alpha,
+                                                                 label_type == cfg.label_type, finished or 0.0)))
+    usable = sorted((f for f in found if f[2] is not None), key=lambda f: f[3], reverse=True)
+    where = f"{folder}/*_s{cfg.run}/{runfiles.BEST}"
+    if not usable:
+        unfinished = "".join(f"; found {export} ({flags}), which has not finished (no {runfiles.SUMMARY}: finish it "
+                             "with --resume)" for export, flags, *_ in found)
+        seeds = sorted(d.name for d in folder.iterdir() if (d / runfiles.BEST).is_dir()) if folder.is_dir() else []
+        others = f"; other runs there: {', '.join(seeds)}" if seeds and not found else ""
+        raise ValueError(f"--continue_train looks for the stage-1 export of a finished {SELF_EVAL} run on "
+                         f"{family}_tree2 with this model and --run {cfg.run} at {where}, and found none"
+                         f"{unfinished}{others}: run stage 1 first, or pass --init_from PATH")
+    export, flags, finished, _ = usable[0]
+    line = f"--continue_train: starting from the stage-1 export {export} ({flags}; finished " \
+           f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(finished))})"
+    if len(usable) > 1:
+        line += "; also found " + ", ".join(f"{e} ({fl})" for e, fl, *_ in usable[1:]) + \
+                " (taken: the same --num_train_branches, then --alpha, then --label_type, then the newest; pass " \
+                "--init_from PATH to choose)"
+    return export, line
 
 
 def flags_markdown() -> str:

@@ -1,6 +1,9 @@
 """Flags: --help and the README list them all; bad values fail with a message that says what to do."""
 
+import json
+import os
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +67,88 @@ def test_readme_flag_table_matches_the_code():
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- flags:start")[1].split("-->", 1)[1].split("<!-- flags:end -->")[0].strip()
     assert block == flags_markdown(), "regenerate the README table with mindmirror.config.flags_markdown()"
+
+
+# ---------------------------------------------------------------------------------------------
+# --continue_train finds stage 1 whatever its branch count (issue 21)
+
+STAGE1 = Path("runs/svamp_tree2/task_prefix_tree2/tiny")
+
+
+def stage1_run(leaf: str, finished_at: float | None = 1_700_000_000.0) -> Path:
+    """A stage-1 run folder with a best/ export, finished (summary.json) at ``finished_at`` unless None."""
+    run = STAGE1 / leaf
+    (run / "best").mkdir(parents=True)
+    if finished_at is not None:
+        (run / "summary.json").write_text(json.dumps({"final_step": 3}))
+        os.utime(run / "summary.json", (finished_at, finished_at))
+    return run / "best"
+
+
+def stage2(*flags: str) -> list[str]:
+    return ["--dataset", "svamp_tree1", "--model_type", "task_prefix_tree1", "--label_type", "llm", "--alpha", "0.5",
+            "--continue_train", *flags]
+
+
+def test_continue_train_takes_stage1_of_another_branch_count(tmp_path, monkeypatch, capsys):
+    """The original README: stage 1 with 5 branches, stage 2 with 1 branch and --continue_train."""
+    monkeypatch.chdir(tmp_path)
+    export = stage1_run("llm_b5_a0.5_s0")
+    stage1_run("llm_b5_a0.5_s1")  # another seed: never taken
+    cfg = parse_args(stage2("--num_train_branches", "1"))
+    assert cfg.init_from == str(export)
+    err = capsys.readouterr().err
+    assert f"--continue_train: starting from the stage-1 export {export} (--num_train_branches 5, --alpha 0.5, " \
+           "--label_type llm; finished " in err and "also found" not in err
+
+
+def test_continue_train_prefers_branches_then_alpha_then_label_type_then_the_newest(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    b5 = stage1_run("llm_b5_a0.5_s0")
+    b1_gt = stage1_run("gt_b1_a0.3_s0")
+    b1_alpha = stage1_run("gt_b1_a0.5_s0")
+    stage1_run("llm_b1_a0.5_s0", finished_at=None)  # not finished: never taken
+    assert parse_args(stage2("--num_train_branches", "5")).init_from == str(b5)
+    assert parse_args(stage2("--num_train_branches", "1")).init_from == str(b1_alpha)
+    err = capsys.readouterr().err
+    assert f"starting from the stage-1 export {b1_alpha} (--num_train_branches 1, --alpha 0.5, --label_type gt" in err
+    assert f"also found {b1_gt} (--num_train_branches 1, --alpha 0.3, --label_type gt), {b5} (" in err
+    assert "llm_b1_a0.5_s0" not in err and "pass --init_from PATH to choose" in err
+    assert parse_args(stage2("--num_train_branches", "1", "--alpha", "0.3")).init_from == str(b1_gt)
+    # nothing shares more than the rest: the newest finished
+    newer = stage1_run("llm_b5_a0.7_s0", finished_at=1_800_000_000.0)
+    assert parse_args(stage2("--num_train_branches", "3", "--alpha", "0.2")).init_from == str(newer)
+
+
+def test_continue_train_names_what_it_found_when_nothing_fits(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert train_main(stage2()) == 2
+    err = capsys.readouterr().err
+    assert f"--continue_train looks for the stage-1 export of a finished task_prefix_tree2 run on svamp_tree2 with " \
+           f"this model and --run 0 at {STAGE1}/*_s0/best, and found none: run stage 1 first" in err
+    stage1_run("llm_b5_a0.5_s1")
+    unfinished = stage1_run("llm_b5_a0.5_s0", finished_at=None)
+    assert train_main(stage2()) == 2
+    err = capsys.readouterr().err
+    assert f"found {unfinished} (--num_train_branches 5, --alpha 0.5, --label_type llm), which has not finished " \
+           "(no summary.json: finish it with --resume)" in err
+    assert train_main(stage2("--run", "2")) == 2
+    assert "other runs there: llm_b5_a0.5_s0, llm_b5_a0.5_s1" in capsys.readouterr().err
+
+
+def test_a_resumed_stage2_keeps_the_export_it_started_from(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    first = stage1_run("llm_b5_a0.5_s0")
+    cfg = parse_args(stage2())
+    Path(cfg.output_dir).mkdir(parents=True)
+    Path(cfg.output_dir, "config.json").write_text(json.dumps({"init_from": cfg.init_from}))
+    stage1_run("llm_b1_a0.5_s0", finished_at=1_800_000_000.0)  # a better fit, finished since
+    assert parse_args(stage2()).init_from != str(first)
+    assert parse_args(stage2("--resume")).init_from == str(first)
+    assert f"--continue_train: resuming from the stage-1 export {first}, as this run started" in capsys.readouterr().err
+
+
+def test_continue_train_and_init_from_conflict(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="give one"):
+        parse_args(stage2("--init_from", str(stage1_run("llm_b5_a0.5_s0"))))

@@ -1,6 +1,7 @@
-"""A first run on real teacher files: messy records are skipped and listed, a mostly bad file or
---strict_data stops with a clear error, and a data set smaller than the batch still trains. Real trainer
-processes on fixtures the tests write (and on the seed's sample files where they are present)."""
+"""A first run on real teacher files: messy pieces are dropped and listed (the smallest piece: a CoT, an
+evaluation, a question only when it has too few usable CoTs), a mostly bad file or --strict_data stops with a
+clear error, and a data set smaller than the batch still trains. Real trainer processes on fixtures the tests
+write (and on the seed's sample files where they are present)."""
 
 from __future__ import annotations
 
@@ -29,22 +30,26 @@ def test_messy_tree_data_trains_and_lists_what_it_skipped(data, tmp_path):
     # All 40 questions (FAST subsamples), one carved out for validation (question 22): 7 and 11 are trained on.
     data_flags = ["--data_dir", str(data.root), "--subsample", "1", "--valid_fraction", "0.01"]
 
+    # Since issue 21 a bad piece costs only itself: at 1 branch question 7 trains on its CoT 1.
     proc = run_train(tmp_path, SHORT + data_flags + ["--output_dir", "tree1"])
     listed = skipped(tmp_path / "tree1")
     teacher = data.teacher_path("svamp_tree1", "train")
-    assert [(s["split"], s["file"], s["record"], s["reason"]) for s in listed] == [("train", str(teacher), 7,
-                                                                                   "no_answer")]
+    assert [(s["split"], s["file"], s["record"], s["reason"], s["cot"], s["evaluation"], s["dropped"])
+            for s in listed] == [("train", str(teacher), 7, "no_answer", 0, None, "cot")]
     assert listed[0]["excerpt"].endswith("10 +")
     summary = json.loads((tmp_path / "tree1" / "summary.json").read_text())
     assert summary["final_step"] == 2 and summary["skipped_records"]["by_reason"] == {"no_answer": 1}
-    assert "skipped 1 questions with unusable teacher text (no_answer 1" in proc.stdout + proc.stderr
+    assert summary["skipped_records"]["questions_left_out"] == 0 and summary["skipped_records"]["cots_dropped"] == 1
+    assert "dropped 1 CoTs with unusable text from questions it kept (no_answer 1" in proc.stdout + proc.stderr
 
     run_train(tmp_path, SHORT + data_flags + ["--dataset", "svamp_tree2", "--model_type", SELF_EVAL,
                                               "--num_train_branches", "5", "--output_dir", "tree2"])
     listed = skipped(tmp_path / "tree2")
-    assert [(s["file"], s["record"], s["reason"]) for s in listed] == \
-        [(str(data.teacher_path("svamp_tree2", "train")), 11, "no_verdict")]
+    assert [(s["file"], s["record"], s["reason"], s["cot"], s["evaluation"], s["dropped"]) for s in listed] == \
+        [(str(data.teacher_path("svamp_tree2", "train")), 11, "no_verdict", 1, 4, "evaluation")]
     assert "evaluation 4 of CoT 1" in listed[0]["problem"]
+    summary = json.loads((tmp_path / "tree2" / "summary.json").read_text())
+    assert summary["rows"]["train"] == 5 * 5 * 39 - 1  # question 11 keeps its other 24 evaluations
 
 
 def test_a_mostly_bad_file_and_strict_data_stop_naming_file_and_record(data, tmp_path):

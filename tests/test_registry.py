@@ -333,15 +333,19 @@ def test_cot_without_parsable_answer(tree1, label_type):
     # branch 3 is not used with 1 branch
     _, report = build_task_rows("svamp_tree1", data.root, label_type=label_type, num_train_branches=1)
     assert report.skipped == []
-    # --strict_data stops at it; by default the question is skipped (1 of 9 here, so the share limit is
-    # raised for this tiny split).
+    # --strict_data stops at it; by default, with 5 branches, the question has 4 usable CoTs and is skipped (1 of 9
+    # here, so the share limit is raised for this tiny split).
     out, report = strict_then_skipping("svamp_tree1", data.root, f"{path}: record {i}: CoT 3 has no parsable answer",
                                        label_type=label_type)
     assert len(report.skipped) == 1 and str(report.skipped[0]).startswith(f"{path}: record {i}: CoT 3")
     skip = report.skipped[0]
     assert (skip.split, skip.file, skip.record, skip.reason) == ("train", str(path), i, "no_answer")
+    assert (skip.cot, skip.evaluation, skip.dropped) == (3, None, "question")
+    assert "4 usable CoTs, fewer than the 5 requested" in skip.problem
     assert "roughly" in skip.excerpt
-    assert report.counts() == {"total": 1, "by_reason": {"no_answer": 1}, "by_split": {"train": 1}}
+    # (issue 21 added the counts of what each line cost)
+    assert report.counts() == {"total": 1, "questions_left_out": 1, "cots_dropped": 0, "evaluations_dropped": 0,
+                               "by_reason": {"no_answer": 1}, "by_split": {"train": 1}}
     assert report.questions["train"] == len(train_indices(data.root, "svamp_tree1", train_qs)) - 1
     assert train_qs[i].input not in {r.input for r in out["train"]}
     assert_tree1_aligned(out, train_qs, test_qs, label_type, 5)
@@ -375,17 +379,22 @@ def test_unparsable_verdict_in_tree2(data):
     out, report = strict_then_skipping("svamp_tree2", data.root,
                                        f"{path}: record {i}: evaluation 2 of CoT 1 has no verdict",
                                        model_type=SELF_EVAL)
+    # Since issue 21 only that evaluation is dropped: the question keeps its other 24 (it was skipped whole before).
     assert len(report.skipped) == 1 and f"record {i}" in str(report.skipped[0])
-    assert (report.skipped[0].reason, report.skipped[0].file) == ("no_verdict", str(path))
-    assert "unclear" in report.skipped[0].excerpt
-    assert len(out["train"]) == len(clean["train"]) - 25
-    assert not set(train_qs[i].cots) & {r.input for r in out["train"]}
+    skip = report.skipped[0]
+    assert (skip.reason, skip.file, skip.cot, skip.evaluation, skip.dropped) == ("no_verdict", str(path), 1, 2,
+                                                                                  "evaluation")
+    assert "unclear" in skip.excerpt
+    assert report.counts()["questions_left_out"] == 0 and report.counts()["evaluations_dropped"] == 1
+    assert len(out["train"]) == len(clean["train"]) - 1
+    assert sum(r.input in train_qs[i].cots for r in out["train"]) == 24
+    assert [r.branch for r in out["train"] if r.input == train_qs[i].cots[1]] == [1] * 4
     for split in ("train", "valid"):
         assert_tree2_aligned(out[split], train_qs)
     assert_tree2_aligned(out["test"], test_qs)
     assert collections.Counter(r.label for r in out["train"]) == \
         collections.Counter(verdict_of(e) for q in train_qs if q.cots[0] in questions_of(out["train"])
-                            for evs in q.evals for e in evs)
+                            for evs in q.evals for e in evs if verdict_of(e) is not None)
 
 
 def test_tree2_prepared_jsonl_out_of_step_with_teacher(data):
@@ -457,8 +466,10 @@ def test_tree_chunked_teacher_files_are_concatenated(data):
 
 def test_summary_reports_rows_per_split_and_skips(tree1):
     data, train_qs, _ = tree1
-    i = train_indices(data.root, "svamp_tree1", train_qs)[0]
-    _corrupt_cot(data, i, branch=0)
+    i, j = train_indices(data.root, "svamp_tree1", train_qs)[:2]
+    _corrupt_cot(data, i, branch=0)  # CoTs 1 and 2 are used instead
+    for branch in range(4):  # 1 usable CoT of the 2 asked: the question is skipped
+        _corrupt_cot(data, j, branch=branch)
     out, report = build_task_rows("svamp_tree1", data.root, num_train_branches=2, skip_bad_records=True)
     line = report.summary("svamp_tree1")
     n = {s: len(out[s]) for s in out}
@@ -466,7 +477,10 @@ def test_summary_reports_rows_per_split_and_skips(tree1):
     assert line.startswith("svamp_tree1: ")
     for split in ("train", "valid", "test"):
         assert f"{split} {n[split]} rows ({q[split]} questions)" in line
-    assert "skipped 1 questions with unusable teacher text (no_answer 1; first: " in line and f"record {i}" in line
+    assert f"skipped 1 questions with unusable teacher text (no_answer 1; first: {report.skipped[1]})" in line
+    assert f"record {j}: CoT 0 has no parsable answer" in line
+    assert f"dropped 1 CoTs with unusable text from questions it kept (no_answer 1; first: {report.skipped[0]})" in line
+    assert f"record {i}: CoT 0 has no parsable answer" in line
     assert report.rows == n and report.questions == q
 
 
@@ -600,8 +614,9 @@ def test_tree2_prepared_file_with_a_row_for_every_evaluation(data):
     out, report = strict_then_skipping("svamp_tree2", data.root,
                                        f"{teacher}: record 4: evaluation 3 of CoT 2 has no verdict",
                                        model_type=SELF_EVAL)
-    assert [(s.file, s.record, s.reason) for s in report.skipped] == [(str(teacher), 4, "no_verdict")]
-    assert not set(train_qs[4].cots) & {r.input for r in out["train"] + out["valid"]}
+    assert [(s.file, s.record, s.reason, s.cot, s.evaluation, s.dropped) for s in report.skipped] == \
+        [(str(teacher), 4, "no_verdict", 2, 3, "evaluation")]
+    assert sum(r.input in train_qs[4].cots for r in out["train"] + out["valid"]) == 24  # the other evaluations
     assert_tree2_aligned(out["train"], train_qs)
     rows[7]["label"] = "uncertain" if rows[7]["label"] != "uncertain" else "correct"  # a real contradiction
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -614,3 +629,172 @@ def test_strict_data_and_skip_bad_records_disagree():
 
     with pytest.raises(ValueError, match="contradict"):
         TrainConfig(strict_data=True, skip_bad_records=True).validate()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. A bad piece costs only itself (issue 21): a question uses its first N usable CoTs, a self-evaluation
+# without a verdict drops its own row, and skipped_records lists each piece with what it cost.
+
+
+def _lines(report) -> list[tuple]:
+    return [(s.split, s.file, s.record, s.reason, s.cot, s.evaluation, s.dropped) for s in report.skipped]
+
+
+@pytest.mark.parametrize("label_type", ["gt", "llm"])
+def test_a_bad_cot_is_replaced_by_the_next_usable_one(tree1, label_type):
+    data, train_qs, test_qs = tree1
+    i = train_indices(data.root, "svamp_tree1", train_qs)[0]
+    q = train_qs[i]
+    path = _corrupt_cot(data, i, branch=0)
+    n_train = len(train_indices(data.root, "svamp_tree1", train_qs))
+
+    def label(b):
+        return q.label if label_type == "gt" else q.llm_labels[b]
+
+    # 1 branch: the question is kept and trains on CoT 1; CoT 0 is listed as the piece dropped.
+    out, report = build_task_rows("svamp_tree1", data.root, label_type=label_type, num_train_branches=1)
+    assert [(r.branch, r.rationale, r.label) for r in out["train"] if r.input == q.input] == \
+        [(1, q.rationales[1], label(1))]
+    assert all(r.branch == 0 for r in out["train"] if r.input != q.input)
+    assert _lines(report) == [("train", str(path), i, "no_answer", 0, None, "cot")]
+    assert report.questions["train"] == n_train and report.rows["train"] == n_train
+    assert report.counts() == {"total": 1, "questions_left_out": 0, "cots_dropped": 1, "evaluations_dropped": 0,
+                               "by_reason": {"no_answer": 1}, "by_split": {"train": 1}}
+    assert "skipped" not in report.summary("x")
+    assert f"dropped 1 CoTs with unusable text from questions it kept (no_answer 1; first: {path}: record {i}: " \
+           "CoT 0 has no parsable answer" in report.summary("x")
+
+    # 4 branches: CoTs 1 to 4, still 4 rows like every other question.
+    out, report = build_task_rows("svamp_tree1", data.root, label_type=label_type, num_train_branches=4)
+    assert [(r.branch, r.rationale, r.label) for r in out["train"] if r.input == q.input] == \
+        [(b, q.rationales[b], label(b)) for b in (1, 2, 3, 4)]
+    assert _lines(report) == [("train", str(path), i, "no_answer", 0, None, "cot")]
+
+    # 5 branches: only 4 usable, so the question is left out; the line says why.
+    out, report = build_task_rows("svamp_tree1", data.root, label_type=label_type, num_train_branches=5,
+                                  max_bad_fraction=0.2)
+    assert q.input not in {r.input for r in out["train"]}
+    assert _lines(report) == [("train", str(path), i, "no_answer", 0, None, "question")]
+    assert report.skipped[0].problem == "CoT 0 has no parsable answer ('the answer is ...') (the question has 4 " \
+                                        "usable CoTs, fewer than the 5 requested (--num_train_branches): left out)"
+    assert report.questions["train"] == n_train - 1
+    assert_tree1_aligned(out, train_qs, test_qs, label_type, 5)
+
+    # --strict_data stops at the piece even where it would only cost a CoT.
+    with pytest.raises(DataError, match=rf"record {i}: CoT 0 has no parsable answer .*--strict_data"):
+        build_task_rows("svamp_tree1", data.root, label_type=label_type, num_train_branches=1, strict_data=True)
+
+
+def test_evaluation_rows_keep_their_question_and_take_the_first_usable_rationale(tree1):
+    """A valid or test question is never dropped for its teacher text: its label is the gold one."""
+    data, train_qs, test_qs = tree1
+
+    def edit(records):
+        records[1]["steps"][0]["new_ys"][0] = "I am not sure"
+    data.edit_teacher("svamp_tree1", "test", edit)
+    out, report = build_task_rows("svamp_tree1", data.root)
+    assert [(r.input, r.label) for r in out["test"]] == [(q.input, q.label) for q in test_qs]
+    assert out["test"][1].rationale == test_qs[1].rationales[1]
+    assert report.skipped == []
+
+
+def test_several_bad_cots_of_one_question_count_once_against_the_threshold(tree1):
+    data, train_qs, test_qs = tree1
+    i = train_indices(data.root, "svamp_tree1", train_qs)[2]
+    _corrupt_cot(data, i, branch=1)
+    path = _corrupt_cot(data, i, branch=3)
+    out, report = build_task_rows("svamp_tree1", data.root, num_train_branches=3)  # CoTs 0, 2 and 4 serve
+    assert _lines(report) == [("train", str(path), i, "no_answer", b, None, "cot") for b in (1, 3)]
+    assert [r.branch for r in out["train"] if r.input == train_qs[i].input] == [0, 2, 4]
+    # 4 branches: 1 of the 9 training questions lost (11%) passes a 15% limit though it has two lines
+    out, report = build_task_rows("svamp_tree1", data.root, num_train_branches=4, max_bad_fraction=0.15)
+    assert _lines(report) == [("train", str(path), i, "no_answer", b, None, "question") for b in (1, 3)]
+    assert report.counts()["questions_left_out"] == 1 and report.counts()["total"] == 2
+    assert "skipped 1 questions with unusable teacher text (no_answer 1; first: " in report.summary("x")
+    assert train_qs[i].input not in {r.input for r in out["train"]}
+    with pytest.raises(DataError, match=r"1 of the 9 questions of the train split \(11\.1%\)"):
+        build_task_rows("svamp_tree1", data.root, num_train_branches=4, max_bad_fraction=0.1)
+
+
+def test_dropped_cots_of_kept_questions_do_not_count_against_the_threshold(data):
+    train_qs, test_qs = svamp_questions(20), svamp_questions(3, start=50)
+    for q in train_qs:
+        q.cots[0] = "Jack has some apples and buys more, so he has"  # cut off: no answer
+    data.tree("svamp_tree1", {"train": train_qs, "test": test_qs})
+    out, report = build_task_rows("svamp_tree1", data.root, num_train_branches=1)
+    assert report.counts()["cots_dropped"] == 18 and report.counts()["questions_left_out"] == 0
+    assert {r.branch for r in out["train"]} == {1} and report.questions["train"] == 18
+    by_input = {q.input: q for q in train_qs}
+    assert [r.rationale for r in out["valid"]] == [by_input[r.input].rationales[1] for r in out["valid"]]
+    with pytest.raises(DataError, match=r"18 of the 18 questions of the train split \(100\.0%\)"):
+        build_task_rows("svamp_tree1", data.root, num_train_branches=5)
+
+
+def test_tree2_keeps_the_good_evaluations_of_a_question(data):
+    train_qs, test_qs = svamp_questions(10), svamp_questions(2, start=50)
+    data.tree("svamp_tree2", {"train": train_qs, "test": test_qs})
+    clean, _ = build_task_rows("svamp_tree2", data.root, model_type=SELF_EVAL, num_train_branches=5)
+    in_train = [k for k, q in enumerate(train_qs) if q.cots[0] in questions_of(clean["train"])]
+    i, j = in_train[:2]
+    cut = "Evaluation:\n\nThe first step is"
+    train_qs[i].evals[0] = [cut] * 5  # CoT 0: no evaluation has a verdict
+    train_qs[i].evals[2][4] = cut  # CoT 2: one evaluation without a verdict
+    train_qs[j].evals = [[cut] * 5 for _ in range(5)]  # nothing usable at all
+    test_qs[0].evals[3][0] = cut
+    data.tree("svamp_tree2", {"train": train_qs, "test": test_qs})
+    teacher = {s: str(data.teacher_path("svamp_tree2", s)) for s in ("train", "test")}
+
+    # 1 branch: question i trains on CoT 1 (CoT 0 is dropped, CoT 2 not read); j, all read, is left out.
+    out, report = build_task_rows("svamp_tree2", data.root, model_type=SELF_EVAL, num_train_branches=1,
+                                  max_bad_fraction=0.2)
+    assert [r.branch for r in out["train"] if r.input in train_qs[i].cots] == [1] * 5
+    assert not set(train_qs[j].cots) & {r.input for r in out["train"]}
+    train_lines = [line for line in _lines(report) if line[0] == "train"]
+    assert train_lines == [("train", teacher["train"], i, "no_verdict", 0, e, "cot") for e in range(5)] + \
+        [("train", teacher["train"], j, "no_verdict", b, e, "question") for b in range(5) for e in range(5)]
+    assert report.skipped[5].problem.endswith("(the question has no usable CoT: left out)")
+
+    # 5 branches: i keeps 19 of its 25 evaluations; j has 25 lines and is one question left out.
+    out, report = build_task_rows("svamp_tree2", data.root, model_type=SELF_EVAL, num_train_branches=5,
+                                  max_bad_fraction=0.2)
+    assert collections.Counter(r.branch for r in out["train"] if r.input in train_qs[i].cots) == \
+        {1: 5, 2: 4, 3: 5, 4: 5}
+    assert _lines(report) == \
+        [("train", teacher["train"], i, "no_verdict", 0, e, "cot") for e in range(5)] + \
+        [("train", teacher["train"], i, "no_verdict", 2, 4, "evaluation")] + \
+        [("train", teacher["train"], j, "no_verdict", b, e, "question") for b in range(5) for e in range(5)] + \
+        [("test", teacher["test"], 0, "no_verdict", 3, 0, "evaluation")]
+    assert {k: report.counts()[k] for k in ("total", "questions_left_out", "cots_dropped", "evaluations_dropped")} == \
+        {"total": 32, "questions_left_out": 1, "cots_dropped": 1, "evaluations_dropped": 2}
+    assert len(out["train"]) == len(clean["train"]) - 6 - 25
+    assert len(out["test"]) == 49 and report.questions["test"] == 2
+    for split in ("train", "valid"):
+        assert_tree2_aligned(out[split], train_qs)
+    assert_tree2_aligned(out["test"], test_qs)
+    # the question lost is what --max_bad_fraction counts: 1 of 9
+    with pytest.raises(DataError, match=r"1 of the 9 questions of the train split"):
+        build_task_rows("svamp_tree2", data.root, model_type=SELF_EVAL, num_train_branches=5)
+
+
+def test_tree2_question_with_fewer_cots_than_branches_trains_on_what_it_has(data):
+    train_qs, test_qs = svamp_questions(10), svamp_questions(2, start=50)
+    for q in train_qs[::3]:  # 3 CoTs written where 5 are asked
+        del q.cots[3:], q.evals[3:]
+    data.tree("svamp_tree2", {"train": train_qs, "test": test_qs})
+    out, report = build_task_rows("svamp_tree2", data.root, model_type=SELF_EVAL, num_train_branches=5)
+    assert report.skipped == []
+    for q in train_qs:
+        rows = [r for r in out["train"] if r.input in q.cots]
+        assert len(rows) in (0, 5 * len(q.cots))  # 0: carved out for validation
+
+
+def test_row_rules_are_part_of_the_cache_key(monkeypatch):
+    """Tables built under other row rules are never reused."""
+    from mindmirror.config import TrainConfig
+    from mindmirror.data import loader
+    from mindmirror.model import load_tokenizer
+
+    cfg, tok = TrainConfig(), load_tokenizer("", "tiny", random_init=False)
+    key = loader.build_key(cfg, tok)
+    monkeypatch.setattr(loader, "ROW_RULES", loader.ROW_RULES + 1)
+    assert loader.build_key(cfg, tok) != key

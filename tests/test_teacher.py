@@ -208,10 +208,13 @@ def test_faults_are_retried_within_bounds_and_bad_replies_are_kept(server, svamp
     card = json.loads((out / "svamp_tree1" / "teacher_report.json").read_text())["splits"]["train"]
     assert card["failed_questions"] == 1 and card["failures"][0]["idx"] == 6
     assert card["unparsable_cots"] == 1 and card["truncated_cots"] == 1 and card["verdicts"]["none"] == 1
-    for dataset, model_type in (("svamp_tree1", "task_prefix_tree1"), ("svamp_tree2", registry.SELF_EVAL)):
+    # Question 6 failed; question 5 has N - 1 usable CoTs (too few for tree1) and one evaluation without a
+    # verdict (dropped alone in tree2).
+    for dataset, model_type, left_out in (("svamp_tree1", "task_prefix_tree1", {5, 6}),
+                                          ("svamp_tree2", registry.SELF_EVAL, {6})):
         rows, _ = registry.build_task_rows(dataset, out, model_type=model_type, num_train_branches=N,
-                                           valid_fraction=0.5, skip_bad_records=True)  # skips the 2 bad ones
-        assert {r.record for r in rows["train"]} <= {0, 1, 2, 3, 4, 7} and len(rows["test"]) > 0
+                                           valid_fraction=0.5, skip_bad_records=True)
+        assert not {r.record for r in rows["train"]} & left_out and len(rows["test"]) > 0
 
 
 def test_too_many_failures_stop_the_run(server, svamp, tmp_path, capsys):

@@ -39,14 +39,16 @@ MESSY_REASONS = (NO_ANSWER, NO_VERDICT, NO_EVALUATIONS, TOO_FEW_COTS)
 class DataError(ValueError):
     """A data file holds something the trainer cannot use.
 
-    ``path`` and ``record`` (0-based index in the file, ``None`` for the whole file) say where.
-    ``reason`` is one of :data:`MESSY_REASONS` when the problem is messy teacher text (skippable by
-    default), else ``None``; ``excerpt`` is a short piece of the offending text.
+    ``path`` and ``record`` (0-based index in the file, ``None`` for the whole file) say where;
+    ``cot`` and ``evaluation`` (0-based) narrow it to one CoT of a tree-of-thought record and one
+    self-evaluation of that CoT. ``reason`` is one of :data:`MESSY_REASONS` when the problem is messy
+    teacher text (skippable by default), else ``None``; ``excerpt`` is a short piece of the offending text.
     """
 
     def __init__(self, path: str | Path, record: int | None, problem: str, reason: str | None = None,
-                 excerpt: str = ""):
+                 excerpt: str = "", cot: int | None = None, evaluation: int | None = None):
         self.path, self.record, self.problem, self.reason, self.excerpt = str(path), record, problem, reason, excerpt
+        self.cot, self.evaluation = cot, evaluation
         where = self.path if record is None else f"{self.path}: record {record}"
         super().__init__(f"{where}: {problem}")
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mindmirror.data.registry import BUNDLED_DATA_DIR, DATASETS, BuildReport, build_task_rows
+from mindmirror.data.registry import BUNDLED_DATA_DIR, DATASETS, ROW_RULES, BuildReport, build_task_rows
 from mindmirror.data.tokenize import default_cache_dir, tokenize_rows, tokenizer_fingerprint
 
 MANIFEST_VERSION = 1
@@ -38,7 +38,7 @@ def build_key(cfg, tokenizer) -> str:
     fields = {k: getattr(cfg, k) for k in ("dataset", "model_type", "label_type", "num_train_branches",
                                            "valid_fraction", "subsample", "run", "skip_bad_records", "strict_data",
                                            "max_bad_fraction", "max_input_length", "max_target_length")}
-    h = hashlib.sha256(json.dumps([MANIFEST_VERSION, str(data_dir.resolve()), fields, tokenizer.eos_token,
+    h = hashlib.sha256(json.dumps([MANIFEST_VERSION, ROW_RULES, str(data_dir.resolve()), fields, tokenizer.eos_token,
                                    tokenizer_fingerprint(tokenizer),
                                    _files_fingerprint(data_dir / DATASETS[cfg.dataset].name)]).encode())
     return h.hexdigest()[:24]

@@ -11,7 +11,13 @@
 
 A *task row* is what the student trains on: ``input`` (without the ``predict: ``/``explain: ``
 prefix), ``label`` (the answer task's target), ``rationale`` (the explain task's target),
-``branch`` (which teacher CoT it came from) and where it came from (``source``, ``record``).
+``branch`` (which teacher CoT it came from: its index in the record) and where it came from (``source``,
+``record``).
+
+Messy teacher text costs the smallest piece it can: a question trains on its first N usable CoTs
+(N = ``--num_train_branches``) and is left out only when fewer than N are usable (self-evaluation data: when
+none is); a self-evaluation without a verdict costs its own row. Every unusable piece met is listed
+(:class:`Skip`, ``skipped_records.jsonl``).
 """
 
 from __future__ import annotations
@@ -28,6 +34,11 @@ from mindmirror.data import formats
 from mindmirror.data.formats import NO_ANSWER, NO_EVALUATIONS, NO_VERDICT, TOO_FEW_COTS, DataError
 
 SELF_EVAL = "task_prefix_tree2"  # the model type that trains on self-evaluations (verdicts of CoTs)
+# Bump when the rules that turn the files into rows change: it is part of the tokenized-data cache key (loader.py),
+# so tables built by older rules are never reused. 2: unusable CoTs and evaluations are dropped one by one.
+ROW_RULES = 2
+# What an unusable piece of teacher text cost (Skip.dropped), from the smallest to the largest.
+EVALUATION, COT, QUESTION = "evaluation", "cot", "question"
 MODEL_TYPES = ("standard", "task_prefix_tree1", SELF_EVAL)
 LABEL_TYPES = ("gt", "llm")
 BUNDLED_DATA_DIR = Path(__file__).resolve().parent.parent / "assets" / "data"
@@ -76,7 +87,15 @@ class TaskRow:
 
 @dataclass
 class Skip:
-    """A question left out of a split, and why (one line of ``skipped_records.jsonl``)."""
+    """An unusable piece of teacher text (or a bad record), what it cost, and why: one line of
+    ``skipped_records.jsonl``.
+
+    ``cot`` and ``evaluation`` say which CoT of the record, and which self-evaluation of that CoT, could not be
+    used (``None``: the record as a whole). ``dropped`` says what was left out for it: ``"evaluation"`` (that
+    evaluation's row), ``"cot"`` (that CoT's rows: the question used its next usable CoT instead) or ``"question"``
+    (the question is out of the split: fewer usable CoTs than asked, or a bad record). A question left out for
+    several unusable CoTs has a line for each.
+    """
 
     split: str
     file: str
@@ -84,6 +103,9 @@ class Skip:
     reason: str  # one of formats.MESSY_REASONS, or "bad_record" (skipped under --skip_bad_records)
     problem: str
     excerpt: str = ""
+    cot: int | None = None
+    evaluation: int | None = None
+    dropped: str = QUESTION
 
     def __str__(self) -> str:
         return str(DataError(self.file, self.record, self.problem))
@@ -99,6 +121,21 @@ def _reason_counts(skipped: list[Skip]) -> str:
     return ", ".join(f"{k} {v}" for k, v in _by_reason(skipped).items())
 
 
+def _lost_questions(skipped: list[Skip]) -> list[Skip]:
+    """The questions left out, each once (by its first line)."""
+    first: dict[tuple, Skip] = {}
+    for s in skipped:
+        if s.dropped == QUESTION:
+            first.setdefault((s.split, s.file, s.record), s)
+    return list(first.values())
+
+
+def _dropped_pieces(skipped: list[Skip]) -> tuple[int, int]:
+    """How many CoTs and how many self-evaluations were dropped from questions that were kept."""
+    return (len({(s.split, s.file, s.record, s.cot) for s in skipped if s.dropped == COT}),
+            sum(s.dropped == EVALUATION for s in skipped))
+
+
 @dataclass
 class BuildReport:
     """What building the rows did: counts per split and the bad records that were skipped."""
@@ -109,8 +146,11 @@ class BuildReport:
     cached: bool = False  # set by the loader when the tables came from the cache, not from parsing the files
 
     def counts(self) -> dict:
-        """Skipped questions in all, by reason and by split (for ``summary.json``)."""
-        return {"total": len(self.skipped),
+        """For ``summary.json``: the lines of ``skipped_records.jsonl`` (``total``, ``by_reason``, ``by_split``), the
+        questions left out, and the CoTs and self-evaluations dropped from questions that were kept."""
+        cots, evaluations = _dropped_pieces(self.skipped)
+        return {"total": len(self.skipped), "questions_left_out": len(_lost_questions(self.skipped)),
+                "cots_dropped": cots, "evaluations_dropped": evaluations,
                 "by_reason": _by_reason(self.skipped),
                 "by_split": dict(collections.Counter(s.split for s in self.skipped))}
 
@@ -119,8 +159,17 @@ class BuildReport:
         line = f"{name}: " + ", ".join(parts)
         if not self.skipped:
             return line + "; no bad records"
-        return line + f"; skipped {len(self.skipped)} questions with unusable teacher text " \
-                      f"({_reason_counts(self.skipped)}; first: {self.skipped[0]})"
+        lost = _lost_questions(self.skipped)
+        if lost:
+            line += f"; skipped {len(lost)} questions with unusable teacher text ({_reason_counts(lost)}; " \
+                    f"first: {lost[0]})"
+        pieces = [s for s in self.skipped if s.dropped != QUESTION]
+        if pieces:
+            cots, evaluations = _dropped_pieces(pieces)
+            what = " and ".join(f"{n} {kind}" for n, kind in ((cots, "CoTs"), (evaluations, "self-evaluations")) if n)
+            line += f"; dropped {what} with unusable text from questions it kept ({_reason_counts(pieces)}; " \
+                    f"first: {pieces[0]})"
+        return line
 
     def to_dict(self) -> dict:
         return {"rows": self.rows, "questions": self.questions,
@@ -153,14 +202,14 @@ class _Skipper:
     def __init__(self, report: BuildReport, strict: bool, skip_all: bool):
         self.report, self.strict, self.skip_all = report, strict, skip_all
 
-    def __call__(self, error: DataError, split: str) -> None:
+    def __call__(self, error: DataError, split: str, dropped: str = QUESTION) -> None:
         if self.strict:
             raise DataError(error.path, error.record, error.problem + " (--strict_data stops at the first bad record)")
         if error.reason is None and not self.skip_all:
             raise DataError(error.path, error.record,
                             error.problem + " (pass --skip_bad_records to skip such records and count them)")
         self.report.skipped.append(Skip(split, error.path, error.record, error.reason or "bad_record",
-                                        error.problem, error.excerpt))
+                                        error.problem, error.excerpt, error.cot, error.evaluation, dropped))
 
 
 def _load_questions(spec: DatasetSpec, data_dir: Path, split: str, eos_token: str) -> list[_Question]:
@@ -217,8 +266,7 @@ def _check_tree2_jsonl(path: Path, teacher: list[formats.TeacherRecord]) -> None
 
     The original code wrote it leaving out evaluations without a verdict; other tools write a row for
     every evaluation. Both are accepted (told apart by the row count). A verdict-less evaluation is not a
-    fault of the prepared file: the question it belongs to is reported against the teacher file and
-    skipped when the rows are built.
+    fault of the prepared file: it is reported against the teacher file and dropped when the rows are built.
     """
     found = formats.resolve(path)
     if found is None:
@@ -247,63 +295,106 @@ def _check_order(q: _Question) -> None:
                                             "teacher files and ground truth are out of order")
 
 
-def _tree_rows(q: _Question, family: str, model_type: str, label_type: str, branches: int) -> list[TaskRow]:
-    """Rows of one question from its tree-of-thought record (raises DataError for bad text)."""
+def _tree1_cot(cot: str, family: str) -> tuple[str, str] | None:
+    """``(rationale, answer)`` of a tree-of-thought CoT, or ``None`` when it is unusable. Both must parse whatever
+    --label_type says, so gt and llm runs train on the same CoTs."""
+    rationale, answer = formats.tree_cot_rationale(cot, family), formats.tree_cot_answer(cot, family)
+    return None if rationale is None or answer is None else (rationale, answer)
+
+
+def _cot_rows(q: _Question, b: int, family: str, model_type: str,
+              label_type: str) -> tuple[list[TaskRow], list[DataError]]:
+    """The rows CoT ``b`` of a question's tree record gives, and its unusable pieces. A CoT gives one row when its
+    answer parses; for self-evaluation training it gives one row per evaluation with a verdict (the others are its
+    unusable pieces), and no rows when none has one."""
+    t: formats.TeacherRecord = q.teacher
+    cot = t.cots[b]
+    if model_type != SELF_EVAL:
+        parsed = _tree1_cot(cot, family)
+        if parsed is None:
+            return [], [DataError(t.source, t.record, f"CoT {b} has no parsable answer ('the answer is ...')",
+                                  NO_ANSWER, formats.excerpt(cot), cot=b)]
+        return [TaskRow(q.input, q.gold if label_type == "gt" else parsed[1], parsed[0], b, t.source, t.record)], []
+    evaluations = t.evaluations[b] if b < len(t.evaluations) else []
+    if not evaluations:
+        return [], [DataError(t.source, t.record, f"CoT {b} has no self-evaluations", NO_EVALUATIONS,
+                              formats.excerpt(cot), cot=b)]
+    rows, bad = [], []
+    for e, evaluation in enumerate(evaluations):
+        parsed = formats.evaluation_verdict(evaluation)
+        if parsed is None:
+            bad.append(DataError(t.source, t.record, f"evaluation {e} of CoT {b} has no verdict ('given answer is "
+                                                     "correct/wrong/uncertain')", NO_VERDICT,
+                                 formats.excerpt(evaluation), cot=b, evaluation=e))
+        else:
+            rows.append(TaskRow(cot, parsed[1], parsed[0], b, t.source, t.record))
+    return rows, bad
+
+
+def _tree_rows(q: _Question, family: str, model_type: str, label_type: str, take: int | None,
+               need: int) -> tuple[list[TaskRow], list[tuple[DataError, str]]]:
+    """Rows of one question from its tree-of-thought record: those of its first ``take`` usable CoTs (every usable
+    one when ``None``), in record order. Returns them with each unusable piece met on the way and what it cost
+    (:data:`COT` or :data:`EVALUATION`), or, when fewer than ``need`` CoTs are usable, no rows and every piece
+    costing the :data:`QUESTION`. CoTs after the first ``take`` usable ones are not read. Raises DataError for a
+    record with fewer than ``need`` CoTs written, or one about another question."""
     t: formats.TeacherRecord = q.teacher
     _check_order(q)
-    if len(t.cots) < branches:
-        raise DataError(t.source, t.record, f"has {len(t.cots)} CoTs, fewer than the {branches} requested "
-                                            "(--num_train_branches)", TOO_FEW_COTS)
-    rows = []
-    for b in range(branches):
-        cot = t.cots[b]
-        if model_type == SELF_EVAL:
-            if b >= len(t.evaluations) or not t.evaluations[b]:
-                raise DataError(t.source, t.record, f"CoT {b} has no self-evaluations", NO_EVALUATIONS,
-                                formats.excerpt(cot))
-            for e, evaluation in enumerate(t.evaluations[b]):
-                parsed = formats.evaluation_verdict(evaluation)
-                if parsed is None:
-                    raise DataError(t.source, t.record, f"evaluation {e} of CoT {b} has no verdict "
-                                                        "('given answer is correct/wrong/uncertain')", NO_VERDICT,
-                                    formats.excerpt(evaluation))
-                rows.append(TaskRow(cot, parsed[1], parsed[0], b, t.source, t.record))
-            continue
-        rationale, answer = formats.tree_cot_rationale(cot, family), formats.tree_cot_answer(cot, family)
-        if rationale is None or answer is None:
-            raise DataError(t.source, t.record, f"CoT {b} has no parsable answer ('the answer is ...')", NO_ANSWER,
-                            formats.excerpt(cot))
-        rows.append(TaskRow(q.input, q.gold if label_type == "gt" else answer, rationale, b, t.source, t.record))
-    return rows
+    flag = " (--num_train_branches)" if take is not None else ""
+    if len(t.cots) < need:
+        raise DataError(t.source, t.record, f"has {len(t.cots)} CoTs, fewer than the {need} requested{flag}",
+                        TOO_FEW_COTS)
+    rows, bad, used = [], [], 0
+    for b in range(len(t.cots)):
+        if used == take:
+            break
+        cot_rows, cot_bad = _cot_rows(q, b, family, model_type, label_type)
+        used += bool(cot_rows)
+        rows += cot_rows
+        bad += [(e, EVALUATION if cot_rows else COT) for e in cot_bad]
+    if used >= need:
+        return rows, bad
+    note = " (the question has no usable CoT: left out)" if need == 1 else \
+        f" (the question has {used} usable CoTs, fewer than the {need} requested{flag}: left out)"
+    return [], [(DataError(e.path, e.record, e.problem + note, e.reason, e.excerpt, e.cot, e.evaluation), QUESTION)
+                for e, _ in bad]
 
 
-def _train_rows(q: _Question, spec: DatasetSpec, model_type: str, label_type: str, branches: int) -> list[TaskRow]:
+def _train_rows(q: _Question, spec: DatasetSpec, model_type: str, label_type: str,
+                branches: int) -> tuple[list[TaskRow], list[tuple[DataError, str]]]:
+    """Training rows of one question and the unusable pieces dropped (see :func:`_tree_rows`); raises DataError
+    when the whole question is unusable in a way no piece explains (no teacher text, a DSS CoT without answer).
+
+    A tree1 question needs ``branches`` usable CoTs, so that every question appears ``branches`` times; a
+    self-evaluation question, whose rows are its evaluations with a verdict (a number that varies anyway), needs
+    one, and trains on what its first ``branches`` usable CoTs give."""
     if model_type == "standard" and label_type == "gt":  # plain fine-tuning: no teacher text needed
-        return [TaskRow(q.input, q.gold, "", 0, q.source, q.record)]
+        return [TaskRow(q.input, q.gold, "", 0, q.source, q.record)], []
     if q.teacher is None:
         raise DataError(q.source, q.record, "no teacher CoT for this question (llm/ chunk files missing)")
     if spec.layout == "tree":
-        return _tree_rows(q, spec.family, model_type, label_type, branches)
+        return _tree_rows(q, spec.family, model_type, label_type, branches, 1 if model_type == SELF_EVAL else branches)
     source, index, text = q.teacher
     parsed = formats.dss_cot(text, spec.family)
     if parsed is None:
         raise DataError(source, index, "CoT has no parsable answer ('The answer is (...)' / 'So the answer is')",
                         NO_ANSWER, formats.excerpt(text))
-    return [TaskRow(q.input, q.gold if label_type == "gt" else parsed[1], parsed[0], 0, source, index)]
+    return [TaskRow(q.input, q.gold if label_type == "gt" else parsed[1], parsed[0], 0, source, index)], []
 
 
-def _eval_rows(q: _Question, spec: DatasetSpec, model_type: str) -> list[TaskRow]:
-    """Evaluation rows: gold labels, one per question (every self-evaluation for tree2)."""
+def _eval_rows(q: _Question, spec: DatasetSpec, model_type: str) -> tuple[list[TaskRow], list[tuple[DataError, str]]]:
+    """Evaluation rows: gold labels, one per question, never dropped for its teacher text (the rationale is the
+    first usable CoT's, or empty). Self-evaluation data: a row for every evaluation with a verdict, of every CoT;
+    the question is left out only when none has one."""
     if model_type == SELF_EVAL:
-        t = q.teacher
-        return _tree_rows(q, spec.family, model_type, "llm", len(t.cots)) if t is not None else []
+        return _tree_rows(q, spec.family, model_type, "llm", None, 1)
     _check_order(q)
     rationale = ""
-    if isinstance(q.teacher, formats.TeacherRecord) and q.teacher.cots:
-        rationale = formats.tree_cot_rationale(q.teacher.cots[0], spec.family) or ""
+    if isinstance(q.teacher, formats.TeacherRecord):
+        rationale = next((p[0] for p in (_tree1_cot(c, spec.family) for c in q.teacher.cots) if p), "")
     elif isinstance(q.teacher, tuple):
         rationale = (formats.dss_cot(q.teacher[2], spec.family) or ("", ""))[0]
-    return [TaskRow(q.input, q.gold, rationale, 0, q.source, q.record)]
+    return [TaskRow(q.input, q.gold, rationale, 0, q.source, q.record)], []
 
 
 def validate_choice(model_type: str, label_type: str, spec: DatasetSpec, branches: int) -> None:
@@ -329,11 +420,15 @@ def build_task_rows(dataset: str, data_dir: str | Path | None = None, *, model_t
     branches are expanded, so no question is in both; datasets with their own validation split
     use it. ``subsample`` keeps that fraction of the remaining training questions (seed ``seed``).
 
-    Bad records: a question whose teacher text cannot be parsed (no answer, no verdict, fewer CoTs than
-    asked) is skipped whole and listed in the report, unless more than ``max_bad_fraction`` of a split's
-    questions are (then the files are probably in another format: :class:`DataError`). Structural faults
-    stop with a :class:`DataError`. ``strict_data`` stops at the first bad record of any kind;
-    ``skip_bad_records`` skips every bad record, with no threshold.
+    Messy teacher text costs the smallest piece it can, and every piece dropped is listed in the report: a
+    training question uses its first ``num_train_branches`` usable CoTs (a tree1 CoT is usable when its answer
+    parses, a self-evaluation CoT when at least one of its evaluations has a verdict); a tree1 question is left
+    out only when fewer are usable, a self-evaluation question only when none is, and a self-evaluation without
+    a verdict drops its own row. Evaluation splits keep every question with gold labels (self-evaluation data:
+    every evaluation with a verdict). When more than ``max_bad_fraction`` of a split's questions are left out
+    (dropped CoTs and evaluations of questions that are kept do not count), the files are probably in another
+    format: :class:`DataError`. Structural faults stop with a :class:`DataError`. ``strict_data`` stops at the
+    first bad record or piece of any kind; ``skip_bad_records`` skips every bad record, with no threshold.
     """
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(sorted(DATASETS))}")
@@ -366,13 +461,15 @@ def build_task_rows(dataset: str, data_dir: str | Path | None = None, *, model_t
             try:
                 if q.error is not None:
                     raise q.error
-                rows_q = (_train_rows(q, spec, model_type, label_type, num_train_branches) if split == "train"
-                          else _eval_rows(q, spec, model_type))
+                rows_q, bad = (_train_rows(q, spec, model_type, label_type, num_train_branches) if split == "train"
+                               else _eval_rows(q, spec, model_type))
             except DataError as e:
                 skipper(e, split)
                 continue
+            for error, dropped in bad:
+                skipper(error, split, dropped)
             rows.extend(rows_q)
-            questions += 1
+            questions += bool(rows_q)
         out[split] = rows
         report.rows[split], report.questions[split] = len(rows), questions
         if not skip_bad_records:
@@ -392,8 +489,9 @@ def _check_branches_written(questions: list[_Question], branches: int) -> None:
 
 
 def _check_bad_fraction(report: BuildReport, split: str, total: int, limit: float, where: Path) -> None:
-    """Stop when a split is mostly bad: a wrong file or format, not a few messy generations."""
-    bad = [s for s in report.skipped if s.split == split]
+    """Stop when a split is mostly bad: a wrong file or format, not a few messy generations. Counts the questions
+    left out; CoTs and evaluations dropped from questions that were kept do not count."""
+    bad = _lost_questions([s for s in report.skipped if s.split == split])
     if total and len(bad) / total > limit:
         raise DataError(where, None,
                         f"{len(bad)} of the {total} questions of the {split} split ({len(bad) / total:.1%}) have "
