@@ -13,15 +13,19 @@ kernel computes the masked half of the causal decoder too). Training FLOPs are 3
 of every matmul is two matmuls of the same size); gradient-checkpointing recomputation is *not* counted,
 so MFU from these figures is model FLOPs utilisation.
 
-Memory follows the ZeRO paper's accounting of model states plus the tensors autograd saves for the
-backward pass; see :func:`memory_per_rank` for the conventions.
+Memory per rank is the model states, communication and gathered-parameter buffers as DeepSpeed 0.19's code
+allocates them for the trainer's DeepSpeed JSONs (never below DeepSpeed's own estimators), plus the tensors
+autograd saves for the backward pass; see :func:`memory_per_rank`. ``python -m mindmirror.estimate`` prints the
+planner against DeepSpeed's estimators.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 GIB = 2 ** 30
@@ -303,58 +307,342 @@ def activation_bytes(config, micro_batch: int, enc_len: int, dec_len: int, preci
 
 
 # ---------------------------------------------------------------------------------------------
+# the parameters DeepSpeed sees
+
+
+def _parameter_tensors(c) -> list[tuple[str, int, int]]:
+    """``(kind, elements, how many)`` for every parameter tensor of the model; they add up to
+    :func:`parameter_count`. Kinds: ``embedding``, ``lm_head``, ``matrix`` (attention and FFN weights),
+    ``bias`` (relative position buckets), ``norm`` (RMS-norm weights)."""
+    d, inner, ff = c.d_model, _inner(c), c.d_ff
+    n_enc, n_dec = c.num_layers, _decoder_layers(c)
+    tensors = [("embedding", c.vocab_size * d, 1), ("matrix", d * inner, 4 * n_enc + 8 * n_dec),
+               ("matrix", d * ff, _ffn_matrices(c) * (n_enc + n_dec)),
+               ("bias", c.relative_attention_num_buckets * c.num_heads, 2),
+               ("norm", d, (2 * n_enc + 1) + (3 * n_dec + 1))]
+    if not tied_lm_head(c):
+        tensors.append(("lm_head", c.vocab_size * d, 1))
+    return tensors
+
+
+def largest_layer_params(config) -> int:
+    """The most parameters one module holds itself, as DeepSpeed's ``model_to_params`` counts a model's
+    "largest layer" for ``estimate_zero3_model_states_mem_needs``: in T5 every module with parameters holds
+    one tensor, so the largest tensor (the embedding or ``lm_head``: vocabulary x ``d_model``)."""
+    return max(n for _, n, _ in _parameter_tensors(config))
+
+
+def _count(config, kinds=None, at_most: int | None = None) -> int:
+    """Parameters of the given kinds (default all); only tensors of at most ``at_most`` elements if given."""
+    return sum(n * k for kind, n, k in _parameter_tensors(config)
+               if (kinds is None or kind in kinds) and (at_most is None or n <= at_most))
+
+
+# ---------------------------------------------------------------------------------------------
+# DeepSpeed's settings, as the trainer resolves them
+
+DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+# deepspeed/runtime/engine.py MEMORY_OPT_ALLREDUCE_SIZE: the bucket in which the engine all-reduces the BF16
+# optimizer's gradient buffers (it flushes once the tensors added exceed it)
+MEMORY_OPT_ALLREDUCE_SIZE = 500_000_000
+_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+
+
+def shipped_deepspeed_config(zero_stage: int, offload: bool = False) -> dict:
+    """The project's ``ds_configs/zero{stage}[_offload].json`` (what the launch configs and the scaling study
+    use), or ``{}`` (DeepSpeed's defaults) where the checkout has none."""
+    path = DS_CONFIGS / (f"zero{zero_stage}_offload.json" if offload else f"zero{zero_stage}.json")
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """The sizes and switches of a DeepSpeed JSON that decide its buffers, "auto" resolved as the trainer does:
+    ``reduce_bucket_size`` and ``stage3_prefetch_bucket_size`` by :func:`mindmirror.runtime.bucket_elements`
+    (``fill_deepspeed_sizes``), ``stage3_param_persistence_threshold`` by Accelerate (10 x ``d_model``);
+    missing keys take DeepSpeed 0.19's defaults (deepspeed/runtime/zero/config.py)."""
+
+    reduce_bucket: int
+    allgather_bucket: int
+    prefetch_bucket: int
+    persistence_threshold: int
+    max_reuse_distance: int
+    overlap_comm: bool
+    contiguous_gradients: bool
+    grad_accum_bytes: int | None  # data_types.grad_accum_dtype; None: the model's dtype
+    comm_bytes: int | None  # communication_data_type; None: the model's dtype
+
+
+def zero_settings(ds_config: dict, zero_stage: int, parameters: int, d_model: int) -> ZeroSettings:
+    """:class:`ZeroSettings` of ``ds_config`` for a model of ``parameters`` and ``d_model``."""
+    zero = ds_config.get("zero_optimization", {})
+
+    def size(key: str, default: float, auto: int | None = None) -> int:
+        value = zero.get(key, default)
+        if value == "auto":
+            value = default if auto is None else auto
+        return int(float(value))
+
+    from mindmirror.runtime import bucket_elements  # the trainer's rule for "auto" buckets (one home)
+
+    bucket = bucket_elements(parameters, d_model)
+    accum = ds_config.get("data_types", {}).get("grad_accum_dtype")
+    comm = ds_config.get("communication_data_type")
+    overlap = zero.get("overlap_comm")
+    return ZeroSettings(
+        reduce_bucket=size("reduce_bucket_size", 5e8, bucket),
+        allgather_bucket=size("allgather_bucket_size", 5e8),
+        prefetch_bucket=size("stage3_prefetch_bucket_size", 5e7, bucket),
+        persistence_threshold=size("stage3_param_persistence_threshold", 1e5, 10 * d_model),
+        max_reuse_distance=size("stage3_max_reuse_distance", 1e9),
+        overlap_comm=zero_stage == 3 if overlap in (None, "auto") else bool(overlap),
+        contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
+        grad_accum_bytes=None if accum is None else _BYTES[str(accum).lower()],
+        comm_bytes=None if comm is None else _BYTES[str(comm).lower()])
+
+
+# ---------------------------------------------------------------------------------------------
 # memory per rank
+
+KINDS = ("params", "grads", "optimizer", "buffers", "late", "host")
 
 
 @dataclass
 class MemoryEstimate:
-    """Bytes on one GPU by kind; ``total`` is their sum; ``cpu_offloaded`` is host memory, not in total."""
+    """Bytes on one GPU by kind, and ``terms``: the breakdown, ``(kind, what, bytes)`` each.
+
+    ``params``, ``grads`` and ``optimizer`` are the model states (what DeepSpeed's own estimators count);
+    ``buffers`` are communication, prefetch and gathered-parameter buffers alive together with the
+    activations; ``late`` is what is alive beyond the model states at the end of the backward pass and in
+    the optimizer step, when the activations are gone. ``total`` = model states + max(buffers + activations,
+    late). ``cpu_offloaded`` is host memory, not in ``total``.
+    """
 
     params: int
     grads: int
     optimizer: int
     activations: int
     cpu_offloaded: int = 0
+    buffers: int = 0
+    late: int = 0
+    terms: list[tuple[str, str, int]] = field(default_factory=list)
     total: int = field(init=False)
 
     def __post_init__(self):
-        self.total = self.params + self.grads + self.optimizer + self.activations
+        self.total = self.model_states + max(self.buffers + self.activations, self.late)
+
+    @property
+    def model_states(self) -> int:
+        """Parameters + gradients + optimizer states on the GPU."""
+        return self.params + self.grads + self.optimizer
+
+    @property
+    def without_activations(self) -> int:
+        """The total with no activations: model states + the larger of ``buffers`` and ``late``; the figure
+        to set against DeepSpeed's estimators, which count no activations either."""
+        return self.model_states + max(self.buffers, self.late)
 
     def gib(self) -> dict[str, float]:
         """Every field in GiB."""
-        names = ("params", "grads", "optimizer", "activations", "total", "cpu_offloaded")
+        names = ("params", "grads", "optimizer", "buffers", "late", "activations", "total", "cpu_offloaded")
         return {name: getattr(self, name) / GIB for name in names}
 
+    def describe(self) -> str:
+        """The breakdown as a Markdown table, one row per term (GiB)."""
+        rows = ["| kind | term | GiB |", "|---|---|---|"]
+        rows += [f"| {kind} | {what} | {nbytes / GIB:.3f} |" for kind, what, nbytes in self.terms]
+        rows.append(f"| | total: model states + max(buffers + activations, late) | {self.total / GIB:.3f} |")
+        return "\n".join(rows)
 
-def _largest_gathered_unit(c) -> int:
-    """Parameters ZeRO-3 gathers at once: the largest of one decoder block and an embedding matrix."""
-    d, inner = c.d_model, _inner(c)
-    block = 8 * d * inner + _ffn_matrices(c) * d * c.d_ff + 3 * d
-    return max(block, c.vocab_size * d)
+
+def _zero3_gathered(c, p_gathered: int, s: ZeroSettings, two_forwards: bool, gradient_checkpointing: bool,
+                    aliased: bool) -> tuple[int, int]:
+    """Parameter elements ZeRO-3 holds gathered (whole) at once: ``(during forward and backward, at the end of
+    the backward)``, from DeepSpeed 0.19's release rules (runtime/zero/partitioned_param_coordinator.py and
+    parameter_offload.py), ``p_gathered`` being the parameters not kept whole anyway (persistent ones).
+
+    * A gathered module is not released while it is used again within ``stage3_max_reuse_distance``
+      elements of the recorded trace; the prefetcher gathers up to ``stage3_prefetch_bucket_size`` ahead.
+      With one forward a module is next used in its own backward, ``2 x`` the parameters after it away: the
+      last ``R/2`` stay gathered into the backward (all of them if the model is under ``R/2``).
+    * The distillation objective runs the model twice per forward (answer, then rationale). A module is then
+      next used in the second forward, about the whole model away: under ``R`` parameters nothing is
+      released at all. And every forward pre-hook resets the module's ``ds_grads_remaining`` counter, so in
+      the backward of the first pass it never returns to 0 and ``post_sub_module_backward_function`` never
+      releases: by the end of the backward the whole model is gathered. Gradient checkpointing runs each
+      block's forward again just before its backward, which resets the counter, so then only what lies
+      outside the blocks (embedding, ``lm_head``, final norms) stays.
+    * At world size 1 a gather is the shard itself (``NoGatherHandle``: no copy; ``aliased``), so nothing
+      extra, unless the shard lives on the host (``offload_param``).
+
+    Checked on CPU with a one-process ZeRO-3 engine on t5-v1_1-small (tests/test_estimate.py records the
+    figures).
+    """
+    if aliased:
+        return 0, 0
+    reuse, u = s.max_reuse_distance, largest_layer_params(c)
+    window = min(p_gathered, reuse // 2 + u + s.prefetch_bucket)
+    if not two_forwards:
+        early = p_gathered if p_gathered <= reuse // 2 else window
+        return early, early
+    early = p_gathered if p_gathered <= reuse else window
+    if gradient_checkpointing:
+        outside = _count(c, kinds=("embedding", "lm_head"))
+        return early, max(early, min(p_gathered, outside + window))
+    return early, p_gathered
+
+
+def _model_terms(c, zero_stage: int, n: int, offload: bool, precision: str, s: ZeroSettings | None,
+                 rationale: bool, gradient_checkpointing: bool) -> list[tuple[str, str, int]]:
+    """The non-activation terms of :func:`memory_per_rank`, ``(kind, what, bytes)``."""
+    p = parameter_count(c)
+    shard = -(-p // n)  # one rank's share (DeepSpeed pads flat groups to a multiple of N: a few elements)
+    terms: list[tuple[str, str, int]] = []
+
+    def add(kind: str, what: str, nbytes: int) -> None:
+        if nbytes:
+            terms.append((kind, what, int(nbytes)))
+
+    if zero_stage == 0:
+        if precision == "bf16":
+            add("params", "fp32 parameters, whole", 4 * p)
+            add("params", "bf16 copies of the weights that autocast makes and autograd keeps", 2 * p)
+        else:
+            add("params", "fp32 parameters, whole", 4 * p)
+        add("grads", "fp32 gradients, whole", 4 * p)
+        if n > 1:
+            add("grads", "DDP's gradient buckets (a second copy: gradient_as_bucket_view is off)", 4 * p)
+        add("optimizer", "Adam moments (fp32), whole", 8 * p)
+        return terms
+
+    assert s is not None
+    bf16 = precision == "bf16"
+    lp = 2 if bf16 else 4  # the model's (and DeepSpeed's low-precision copy's) bytes per element
+    name = "bf16" if bf16 else "fp32"
+    acc = s.grad_accum_bytes or lp  # gradient accumulation
+    comm = s.comm_bytes or lp  # communication_data_type (default: the model's)
+    b, u = s.reduce_bucket, largest_layer_params(c)
+    on_host = "host" if offload else None
+
+    if zero_stage == 1 and bf16 and acc == 4 and not offload:
+        # engine._do_optimizer_sanity_check: bf16 + fp32 accumulation at ZeRO-1 -> BF16_Optimizer
+        # (runtime/bf16_optimizer.py), which shards only the fp32 master weights and Adam.
+        add("params", "bf16 parameters, whole", 2 * p)
+        add("grads", "bf16 gradients, whole (autograd's .grad, zeroed and kept between steps)", 2 * p)
+        add("grads", "fp32 gradient buffer, whole on every rank (BF16 optimizer: not sharded)", 4 * p)
+        add("optimizer", "fp32 master weights, 1/N", 4 * shard)
+        add("optimizer", "Adam moments (fp32), 1/N", 8 * shard)
+        # After the backward the engine all-reduces the fp32 buffers (buffered_allreduce_fallback): in bf16
+        # (communication_data_type), and the two parameter groups' buffers concatenated into one fp32 tensor
+        # first unless the decayed group alone exceeds MEMORY_OPT_ALLREDUCE_SIZE.
+        add("late", "gradient all-reduce: bf16 copy of the fp32 gradient buffer", comm * p if comm != 4 else 0)
+        if p - _count(c, kinds=("norm",)) <= MEMORY_OPT_ALLREDUCE_SIZE:
+            add("late", "gradient all-reduce: both groups' fp32 buffers concatenated into one tensor", 4 * p)
+        return terms
+
+    if zero_stage in (1, 2):  # runtime/zero/stage_1_and_2.py, DeepSpeedZeroOptimizer
+        grad_accum_attribute = acc != lp and zero_stage == 1  # ZeRO-1 keeps an fp32 .grad_accum per parameter
+        compact = acc == 4 and lp != 4  # an fp32 gradient partition (_use_compact_grad_partition_buffer)
+        add("params", f"{name} parameters, whole", lp * p)
+        if zero_stage == 1:
+            add("grads", f"{name} gradients, whole (ZeRO-1 keeps every .grad)", lp * p)
+            if grad_accum_attribute:
+                add("grads", "fp32 gradient accumulators (.grad_accum), whole", 4 * p)
+        if offload:
+            add("host", "gradient partition, 1/N", acc * shard)
+            add("host", f"{name} staging copy of the parameter shard, 1/N", lp * shard)
+        else:
+            add("grads", f"{'fp32' if compact else name} gradient partition, 1/N", (acc if compact else lp) * shard)
+            if zero_stage == 2 and lp == 2:
+                add("grads", "16-bit gradients, 1/N, as DeepSpeed's estimator counts them (0.19 keeps no such "
+                             "partition under fp32 accumulation: kept so the plan never falls below its figure)",
+                    2 * shard)
+        add(on_host or "optimizer", "fp32 master weights, 1/N", 4 * shard)
+        add(on_host or "optimizer", "Adam moments (fp32), 1/N", 8 * shard)
+        # the reduction: gradients are copied into contiguous buckets (two with overlap_comm), which are
+        # flattened into one tensor for each all-reduce; the rank's slice is added into the fp32 partition
+        reduce_dtype = 4 if grad_accum_attribute else lp
+        ipg = (2 if s.overlap_comm else 1) * b * reduce_dtype if s.contiguous_gradients else 0
+        flat = b * reduce_dtype + (b * comm if comm != reduce_dtype else 0)
+        upcast = min(b, u, shard) * acc if compact and not offload else 0
+        one_grad = lp * u  # autograd's gradient of the largest parameter, before it is copied into a bucket
+        staging = lp * u if offload else 0  # temp_grad_buffer_for_gpu_offload
+        if zero_stage == 2:
+            add("buffers", f"reduce buckets ({2 if s.overlap_comm else 1} x reduce_bucket_size {b:,})", ipg)
+            add("buffers", "the flattened copy each all-reduce sends, and the fp32 copy of the rank's slice",
+                flat + upcast)
+            add("buffers", "autograd's gradient of the largest parameter before it enters a bucket", one_grad)
+            add("buffers", "offload: a gradient staging buffer of the largest parameter", staging)
+            add("late", "reduce buckets and the last all-reduce's copies (freed at the step)", ipg + flat + upcast)
+        else:  # ZeRO-1 reduces once, after the backward (engine.allreduce_gradients -> reduce_gradients)
+            add("buffers", f"reduce bucket (reduce_bucket_size {b:,}), allocated in the backward", ipg)
+            add("buffers", "offload: a gradient staging buffer of the largest parameter", staging)
+            add("late", "reduce bucket and each all-reduce's flattened copy, after the backward",
+                ipg + flat + upcast + staging)
+        return terms
+
+    # ZeRO-3: runtime/zero/stage3.py and partition_parameters.py
+    persistent = _count(c, at_most=s.persistence_threshold)  # mark_persistent_parameters: ds_numel <= threshold
+    add("host" if offload else "params", f"{name} parameter shard, 1/N", lp * shard)
+    add("params", f"parameters of at most stage3_param_persistence_threshold ({s.persistence_threshold:,}) "
+                  "elements, whole on every rank", lp * persistent)
+    add("params", f"largest layer, gathered whole ({largest_layer_params(c):,} parameters; DeepSpeed's "
+                  "estimator counts it at 4 B/param: its weights and its gradient)", lp * u)
+    add("grads", "gradient of the gathered layer before it is reduced", lp * u)
+    add(on_host or "grads", f"{'fp32' if acc == 4 else name} gradient partitions, 1/N", acc * shard)
+    if lp != 4 or offload:  # in fp32 on the GPU the master weights are the shard itself
+        add(on_host or "optimizer", "fp32 master weights, 1/N", 4 * shard)
+    add(on_host or "optimizer", "Adam moments (fp32), 1/N", 8 * shard)
+    early, late = _zero3_gathered(c, p - persistent, s, rationale, gradient_checkpointing,
+                                  aliased=n == 1 and not offload)
+    ipg = b * comm if s.contiguous_gradients else 0
+    scatter = b * comm + (-(-b // n) * acc if acc != comm else 0)  # reduce_scatter_coalesced's copy, fp32 shares
+    add("buffers", "further gathered parameters: the prefetch bucket (stage3_prefetch_bucket_size "
+                   f"{s.prefetch_bucket:,}) and the layers kept for reuse", lp * max(0, early - u))
+    add("buffers", f"reduce bucket (reduce_bucket_size {b:,})", ipg)
+    add("buffers", "reduce-scatter: the interleaved copy and the rank's fp32 shares", scatter)
+    add("late", "parameters still gathered at the end of the backward pass (two forward passes a step: see "
+                "_zero3_gathered)", lp * max(0, late - u))
+    add("late", "reduce bucket and the last reduce-scatter's copies", ipg + scatter)
+    return terms
 
 
 def memory_per_rank(config, zero_stage: int, world_size: int, offload: bool, precision: Literal["bf16", "fp32"],
                     micro_batch: int, enc_len: int, dec_len: int, rationale: bool = True,
-                    gradient_checkpointing: bool = False, **activation_kwargs) -> MemoryEstimate:
-    """Per-GPU memory of training with Adam(W) under DDP (stage 0) or DeepSpeed ZeRO ``zero_stage``.
+                    gradient_checkpointing: bool = False, ds_config: dict | None = None,
+                    **activation_kwargs) -> MemoryEstimate:
+    """Per-GPU memory of training with AdamW under DDP (stage 0) or DeepSpeed ZeRO ``zero_stage``, every term
+    read from DeepSpeed 0.19's code for the configuration the trainer runs (``MemoryEstimate.terms`` names
+    each one; N = ``world_size``, P = parameters).
 
-    Model states per parameter (the ZeRO paper's accounting; N = ``world_size``):
+    ``ds_config`` (default: the shipped ``ds_configs/zero{stage}[_offload].json``) gives the buckets and the
+    gradient accumulation dtype (:func:`zero_settings`); ``precision`` switches bf16 on or off in it, as the
+    scaling study does. The shipped JSONs accumulate gradients in fp32, so under bf16:
 
-    * fp32: parameters 4 B, gradients 4 B, Adam moments 8 B.
-    * bf16, ZeRO 1-3 (DeepSpeed bf16): bf16 parameters 2 B, bf16 gradients 2 B, optimizer 12 B = fp32
-      master weights 4 B + Adam moments 8 B.
-    * bf16, stage 0 (Accelerate's autocast DDP): fp32 parameters 4 B plus the bf16 weight copies autocast
-      makes and autograd keeps for the backward 2 B, fp32 gradients 4 B, Adam 8 B; so at world size 1 it is
-      2 B/param above ZeRO's 16 B. Under fp32 and bf16, stage 0 with N > 1 adds DDP's gradient buckets
-      (another copy of the gradients: ``gradient_as_bucket_view`` is off).
-    * ZeRO-1 divides the optimizer states by N, ZeRO-2 also the gradients, ZeRO-3 also the parameters;
-      ZeRO-3 then holds one gathered unit at a time (the largest of one decoder block and an embedding
-      matrix) on top of its shard. Communication buffers, prefetching and fragmentation are not modelled.
-    * ``offload`` (``offload_optimizer`` to CPU, as ds_configs/zero*_offload.json): the optimizer states move
-      to ``cpu_offloaded``; with ZeRO-3 the parameter shard moves too (``offload_param``), leaving only the
-      gathered unit on the GPU. Gradients stay counted on the GPU.
+    * ZeRO-1 runs DeepSpeed's BF16 optimizer: bf16 parameters and gradients whole (2 + 2 B/param), an fp32
+      gradient buffer **whole on every rank** (4 B/param, not divided), fp32 master weights and Adam 12 B/N;
+      after the backward the engine all-reduces that buffer in bf16 (2 B/param, and a 4 B/param fp32
+      concatenation of the two parameter groups' buffers while the model is under 5e8 parameters).
+    * ZeRO-2: bf16 parameters 2 B whole; an **fp32** gradient partition 4 B/N, plus the 2 B/N of 16-bit
+      gradients DeepSpeed's estimator counts; 12 B/N master weights and Adam; two reduce buckets
+      (``overlap_comm``), the flattened copy each all-reduce sends and the fp32 copy of the rank's slice.
+    * ZeRO-3: a bf16 shard 2 B/N, fp32 gradient partitions 4 B/N, 12 B/N master weights and Adam; the largest
+      layer gathered at 4 B/param (weights and gradient) as DeepSpeed counts it; small parameters whole on
+      every rank; the prefetch bucket and the layers kept for reuse, and, with the rationale task (two
+      forward passes), the whole model gathered by the end of the backward (:func:`_zero3_gathered`); the
+      reduce bucket and the reduce-scatter's copies.
+    * fp32 (bf16 off): the same optimizers with 4-byte parameters and gradients; ZeRO-1/2 still keep a
+      separate fp32 master copy (a clone of the shard), ZeRO-3 does not.
+    * The allgather that refreshes parameters after a ZeRO-1/2 step writes into them in place
+      (``all_gather_into_tensor``): ``allgather_bucket_size`` allocates nothing.
+    * ``offload`` (``offload_optimizer``, and at ZeRO-3 ``offload_param``, as ds_configs/zero*_offload.json):
+      master weights, Adam, the gradient partitions (and the ZeRO-3 shard) go to ``cpu_offloaded``.
+    * Stage 0 is DDP: fp32 parameters 4 B (+2 B of bf16 weight copies under autocast), gradients 4 B (+4 B of
+      DDP buckets when N > 1), Adam 8 B, all whole.
 
-    Activations are :func:`activation_bytes` for one micro-batch (extra keyword arguments go there).
+    Not counted: NCCL's own buffers, the allocator's fragmentation and cache, and the CUDA context; hence the
+    90% of :func:`plan_fits`. Activations are :func:`activation_bytes` for one micro-batch (extra keyword
+    arguments go there).
     """
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0-3, not {zero_stage}")
@@ -362,25 +650,18 @@ def memory_per_rank(config, zero_stage: int, world_size: int, offload: bool, pre
         raise ValueError(f"precision must be bf16 or fp32, not {precision!r}")
     if offload and zero_stage == 0:
         raise ValueError("offloading needs DeepSpeed ZeRO (stage 1-3)")
-    n, p = world_size, parameter_count(config)
-    if zero_stage == 0:
-        param_b, grad_b, optim_b = (4 + 2, 4, 8) if precision == "bf16" else (4, 4, 8)
-        params, grads, optimizer = p * param_b, p * grad_b * (2 if n > 1 else 1), p * optim_b
-    else:
-        param_b, grad_b, optim_b = (2, 2, 12) if precision == "bf16" else (4, 4, 8)
-        params = p * param_b if zero_stage < 3 else -(-p // n) * param_b
-        grads = p * grad_b if zero_stage < 2 else -(-p // n) * grad_b
-        optimizer = -(-p // n) * optim_b
-    cpu = 0
-    if offload:
-        cpu, optimizer = optimizer, 0
-        if zero_stage == 3:
-            cpu, params = cpu + params, 0
-    if zero_stage == 3:
-        params += _largest_gathered_unit(config) * param_b
+    settings = None
+    if zero_stage > 0:
+        ds = shipped_deepspeed_config(zero_stage, offload) if ds_config is None else ds_config
+        settings = zero_settings(ds, zero_stage, parameter_count(config), config.d_model)
+    terms = _model_terms(config, zero_stage, world_size, offload, precision, settings, rationale,
+                         gradient_checkpointing)
+    sums = {kind: sum(nbytes for k, _, nbytes in terms if k == kind) for kind in KINDS}
     activations = activation_bytes(config, micro_batch, enc_len, dec_len, precision, rationale=rationale,
                                    gradient_checkpointing=gradient_checkpointing, **activation_kwargs)
-    return MemoryEstimate(params, grads, optimizer, activations, cpu_offloaded=cpu)
+    terms.append(("activations", "tensors autograd keeps for the backward of one micro-batch", activations))
+    return MemoryEstimate(sums["params"], sums["grads"], sums["optimizer"], activations,
+                          cpu_offloaded=sums["host"], buffers=sums["buffers"], late=sums["late"], terms=terms)
 
 
 def plan_fits(estimate: MemoryEstimate, device_memory_bytes: int, headroom: float = 0.9) -> bool:
@@ -405,3 +686,81 @@ def smallest_world_size(config, zero_stage: int, offload: bool, precision: str, 
             return n
         n *= 2
     return None
+
+
+# ---------------------------------------------------------------------------------------------
+# the planner against DeepSpeed's own estimators
+
+COMPARED_SIZES = ("t5-v1_1-base", "t5-v1_1-large", "t5-v1_1-xl", "t5-v1_1-xxl")
+COMPARED_WORLD_SIZES = (1, 8, 64)
+
+
+def deepspeed_counts(config) -> tuple[int, int]:
+    """``(total_params, largest_layer_params)`` of the model the trainer builds from ``config``, counted as
+    DeepSpeed's ``model_to_params`` counts them (shared parameters once; the most parameters a module holds
+    itself), on a model built on the meta device (nothing allocated)."""
+    import torch
+    from transformers import T5ForConditionalGeneration
+
+    from mindmirror.model import untie_lm_head
+
+    with torch.device("meta"):
+        model = T5ForConditionalGeneration(config)
+        if not tied_lm_head(config):
+            untie_lm_head(model)
+    total = sum(p.numel() for p in model.parameters())  # parameters() yields a shared tensor once
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    return total, largest
+
+
+def deepspeed_gpu_bytes(zero_stage: int, world_size: int, total_params: int, largest_layer: int,
+                        offload: bool = False) -> int:
+    """DeepSpeed's own per-GPU figure (``estimate_zero2_model_states_mem_needs`` for stages 1-2: it has no
+    ZeRO-1 estimator; ``estimate_zero3_model_states_mem_needs`` for stage 3), for ``world_size`` GPUs as
+    nodes of up to 8."""
+    per_node = min(world_size, 8)
+    nodes = -(-world_size // per_node)
+    if zero_stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        return estimate_zero3_model_states_mem_needs(total_params, largest_layer, per_node, nodes,
+                                                     cpu_offload=offload, cpu_offload_params=offload)[1]
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    return estimate_zero2_model_states_mem_needs(total_params, per_node, nodes, cpu_offload=offload)[1]
+
+
+def deepspeed_comparison(sizes=COMPARED_SIZES, world_sizes=COMPARED_WORLD_SIZES, vocab_size: int = 32128,
+                         stages=(1, 2, 3)) -> list[dict]:
+    """One row per size, world size and stage (bf16, the shipped JSONs, no offload): DeepSpeed's figure, the
+    planner's model states and its total without activations, in bytes."""
+    from mindmirror.model import model_config
+
+    rows = []
+    for size in sizes:
+        config = model_config(size, vocab_size)
+        total, largest = deepspeed_counts(config)
+        for n in world_sizes:
+            for stage in stages:
+                e = memory_per_rank(config, stage, n, False, "bf16", micro_batch=1, enc_len=1, dec_len=1)
+                rows.append({"model": size, "world_size": n, "zero": stage,
+                             "deepspeed": deepspeed_gpu_bytes(stage, n, total, largest),
+                             "model_states": e.model_states, "without_activations": e.without_activations})
+    return rows
+
+
+def deepspeed_table(rows: list[dict] | None = None) -> str:
+    """:func:`deepspeed_comparison` as a Markdown table in GiB (``python -m mindmirror.estimate`` prints it)."""
+    rows = deepspeed_comparison() if rows is None else rows
+    lines = ["| model | GPUs | ZeRO | DeepSpeed's estimator | planner: model states | ratio | "
+             "planner: + buffers, no activations | ratio |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ds = r["deepspeed"]
+        lines.append(f"| {r['model']} | {r['world_size']} | {r['zero']} | {ds / GIB:.2f} | "
+                     f"{r['model_states'] / GIB:.2f} | {r['model_states'] / ds:.3f} | "
+                     f"{r['without_activations'] / GIB:.2f} | {r['without_activations'] / ds:.2f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(deepspeed_table())

@@ -87,16 +87,18 @@ def dry_run(points: list[Point], args) -> str:
     gb = args.device_memory_gb
     lines = [f"plan: {len(points)} point(s), {args.steps} steps each; estimates per rank for encoder {args.enc_len} "
              f"/ decoder {args.dec_len} tokens per task, both tasks" +
-             (", gradient checkpointing" if args.gradient_checkpointing else ""), "",
-             "| point | parameters | params | grads | optimizer | activations | total GiB | on host GiB |"
-             + (f" fits {gb:g} GB |" if gb else ""),
-             "|---|---|---|---|---|---|---|---|" + ("---|" if gb else "")]
+             (", gradient checkpointing" if args.gradient_checkpointing else "") +
+             "; total = params + grads + optimizer + the larger of buffers + activations and what is alive "
+             "after the backward (GiB; mindmirror.estimate.memory_per_rank names every term)", "",
+             "| point | parameters | params | grads | optimizer | buffers | activations | after backward | total GiB "
+             "| on host GiB |" + (f" fits {gb:g} GB |" if gb else ""),
+             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gb else "")]
     for p in points:
         e = estimate_point(p, args)
         g = e.gib()
         row = (f"| {p.name} | {parameters(p, args) / 1e6:.1f}M | "
-               f"{g['params']:.2f} | {g['grads']:.2f} | {g['optimizer']:.2f} | {g['activations']:.2f} | "
-               f"{g['total']:.2f} | {e.cpu_offloaded / 2 ** 30:.2f} |")
+               f"{g['params']:.2f} | {g['grads']:.2f} | {g['optimizer']:.2f} | {g['buffers']:.2f} | "
+               f"{g['activations']:.2f} | {g['late']:.2f} | {g['total']:.2f} | {e.cpu_offloaded / 2 ** 30:.2f} |")
         if gb:
             row += f" {'yes' if estimate.plan_fits(e, gb * 1e9) else 'no'} |"
         lines.append(row)
