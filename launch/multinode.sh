@@ -16,12 +16,17 @@
 #                  torchrun agent SIGKILLs them (default 270; exported as TORCH_ELASTIC_SHUTDOWN_TIMEOUT,
 #                  whose default of 30 s is too short to save a large ZeRO checkpoint)
 #   TORCH_NCCL_ASYNC_ERROR_HANDLING (default 1), NCCL_DEBUG (default WARN)  see below
-# Every argument goes to train/main.py unchanged.
+#   MINDMIRROR_CACHE  the tokenized-data cache (default ~/.cache/mindmirror): node-local or shared, both
+#                  work (each node's first process builds what its folder lacks, into a folder of its own)
+#   MINDMIRROR_PYTHON  the Python that has mindmirror and accelerate (default: python3 on PATH)
+# Every argument goes to train/main.py unchanged; --collective_timeout (minutes, default 60) is how long a
+# process waits in a collective for the others, e.g. for the main process's data build, save or export.
 #
-# Stopping: the trainer takes SIGTERM or SIGUSR1 as "finish this optimizer step, save a checkpoint and
-# exit with code 75". Send the signal to every process of the run (a Slurm step, as the templates in
-# launch/slurm/ do, or the process group: `kill -TERM -- -PGID`), not to this script's process alone:
-# that process becomes the launcher, which ignores both (see the end of this script).
+# Stopping: the trainer takes SIGTERM or SIGUSR1 as "finish this optimizer step (or this evaluation
+# batch), save a checkpoint and exit with code 75", and this script then exits 75. The signal may go to
+# every process of the run (a Slurm step, as the templates in launch/slurm/ do; the process group:
+# `kill -TERM -- -PGID`), to this script's process (it becomes the trainer itself with one process, the
+# torchrun agent that forwards SIGTERM with several), or to any one trainer: the ranks agree to stop.
 set -euo pipefail
 
 : "${NODE_RANK:?set NODE_RANK (0 .. NNODES-1)}"
@@ -57,10 +62,13 @@ fi
 
 echo "multinode: node $NODE_RANK of $NNODES, $GPUS_PER_NODE processes here, main $MASTER_ADDR:$MASTER_PORT," \
      "shutdown timeout ${MINDMIRROR_SHUTDOWN_TIMEOUT} s" >&2
-# Accelerate's one-process launcher neither forwards SIGTERM/SIGUSR1 nor survives them, and the torchrun
-# agent dies on SIGUSR1: a launcher that exits ends the run (a Slurm step, the job) while its trainer is
-# still saving. Ignored signals stay ignored across exec, so the launcher ignores both; the trainer
-# installs its own handlers as it starts (a signal in its first seconds, before that, is lost), and the
-# torchrun agent its own for SIGTERM, which it forwards to the trainers.
+# A launcher that exits ends the run (a Slurm step, the job) while its trainer is still saving.
+# Accelerate's one-process launcher kills its trainer 5 s after a SIGTERM: launch/accelerate_exec.py runs
+# `accelerate launch` with one change, the one-process trainer replaces the launcher (exec) instead of
+# running under it. The torchrun agent (several processes) forwards SIGTERM and waits the shutdown
+# timeout, but dies on SIGUSR1. Ignored signals stay ignored across exec, so the launcher ignores both
+# until it installs its own handlers (torchrun: SIGTERM only); the trainer installs its own as it starts
+# (a signal in its first seconds, before that, is lost).
 trap '' TERM USR1
-exec accelerate launch "${launch[@]}" "$repo/train/main.py" "$@"
+PYTHON=${MINDMIRROR_PYTHON:-$(command -v python3 || command -v python)}
+exec "$PYTHON" "$repo/launch/accelerate_exec.py" "${launch[@]}" "$repo/train/main.py" "$@"

@@ -63,12 +63,23 @@ def save_checkpoint(accelerator, root: Path, step: int, state: dict, keep: int, 
         for f in (tmp / STATE_FILE, tmp / MANIFEST):
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        replace_folder(tmp, final)
         for old in list_checkpoints(root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def replace_folder(new: Path, folder: Path) -> None:
+    """Put the complete folder ``new`` in the place of ``folder`` (a step saved again, as by a resumed run
+    stopped before its next step; best/): the old one is renamed aside before it is deleted, so a process
+    killed meanwhile leaves one of the two whole under the name, never a half-deleted one."""
+    aside = folder.with_name(f".old-{folder.name}")
+    shutil.rmtree(aside, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, aside)
+    os.replace(new, folder)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def list_checkpoints(root: Path) -> list[Path]:
@@ -237,8 +248,7 @@ def export_model(accelerator, model, tokenizer, folder: Path, extra: dict | None
         save_tokenizer(tokenizer, tmp)
         if extra:
             (tmp / EXPORT_INFO).write_text(json.dumps(extra, indent=2))
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(tmp, folder)
+        replace_folder(tmp, folder)
     accelerator.wait_for_everyone()
 
 

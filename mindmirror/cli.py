@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 
 def _run(command, argv) -> int:
@@ -46,9 +47,25 @@ def train_main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         _error_line(e)
         code = 1
+    _report_exit(code)
     if os.environ.get("LOCAL_RANK") is not None:  # a launched process: every output is written and closed
         _leave(code)
     return code
+
+
+EXIT_DIR = "MINDMIRROR_EXIT_DIR"  # set by launch/accelerate_exec.py: where each rank leaves its exit code
+
+
+def _report_exit(code: int) -> None:
+    """Leave this rank's exit code where launch/accelerate_exec.py reads it: torchrun turns a trainer's
+    code into its own failure (1, or 143 after it forwarded a signal), and the launcher gives the job
+    75 again when a rank saved on a stop signal."""
+    folder = os.environ.get(EXIT_DIR)
+    if folder:
+        try:
+            (Path(folder) / f"rank-{os.environ.get('RANK', '0')}").write_text(str(code))
+        except OSError:
+            pass  # the launcher then reports what torchrun says
 
 
 def _leave(code: int) -> None:

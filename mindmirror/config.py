@@ -99,6 +99,9 @@ class TrainConfig:
     logging_steps: int = _arg(10, "Log losses every N optimizer steps.")
     report_to: str = _arg("tensorboard", "Accelerate tracker(s): tensorboard, wandb, mlflow, ..., or none.")
     max_nonfinite_steps: int = _arg(5, "Stop after this many non-finite losses in a row.")
+    collective_timeout: float = _arg(60.0, "Minutes a process waits for the others in a collective (NCCL, gloo and "
+                                           "DeepSpeed alike) before the run fails: long enough for the main "
+                                           "process's own work (a data-cache build, a save or an export).")
     cache_dir: str = _arg("", "Tokenized-data cache; empty: $MINDMIRROR_CACHE or ~/.cache/mindmirror.")
     preprocessing_num_workers: int = _arg(0, "Processes that tokenize the training rows the first time a data set "
                                              "is used; 0: up to 8 for 20,000 rows or more, else 1.")
@@ -144,6 +147,8 @@ class TrainConfig:
             bad(f"--subsample must be in (0, 1], got {self.subsample}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             bad(f"--max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if not self.collective_timeout > 0:
+            bad(f"--collective_timeout must be a positive number of minutes, got {self.collective_timeout}")
         if self.strict_data and self.skip_bad_records:
             bad("--strict_data and --skip_bad_records contradict each other: give one")
         if not 0.0 < self.valid_fraction < 1.0:

@@ -16,6 +16,14 @@ from mindmirror.data.registry import DATASETS, SELF_EVAL
 from mindmirror.model import eval_mode
 
 
+class EvaluationStopped(Exception):
+    """``between_batches`` asked to stop: the evaluation ends between two batches, unfinished."""
+
+    def __init__(self, done: int, batches: int):
+        super().__init__(f"stopped after batch {done} of {batches}")
+        self.done, self.batches = done, batches
+
+
 def shard(n: int, world: int, rank: int, batch_size: int) -> list[list[int]]:
     """This rank's batches of row indices; every rank gets the same number of batches (ZeRO-3
     ``generate`` must be called in lockstep), so short ranks repeat row indices marked negative."""
@@ -37,11 +45,18 @@ def metric_kind(dataset: str, model_type: str) -> str:
 
 
 def generate(t5, tokenizer, rows, column: str, *, world: int, rank: int, device, batch_size: int,
-             max_new_tokens: int, synced_gpus: bool = False) -> list[str]:
-    """Greedy outputs for ``rows[i][column]`` (token ids), in row order, on every rank."""
+             max_new_tokens: int, synced_gpus: bool = False, between_batches=None) -> list[str]:
+    """Greedy outputs for ``rows[i][column]`` (token ids), in row order, on every rank.
+
+    ``between_batches()`` is called before each batch, on every rank alike (every rank has as many
+    batches); when it returns True, :class:`EvaluationStopped` is raised. Under several processes it must
+    give every rank the same answer (the trainer's sums a stop flag over the ranks)."""
     mine = []
+    batches = shard(len(rows), world, rank, batch_size)
     with eval_mode(t5):
-        for batch in shard(len(rows), world, rank, batch_size):
+        for done, batch in enumerate(batches):
+            if between_batches is not None and between_batches():
+                raise EvaluationStopped(done, len(batches))
             ids, mask = padded([rows[abs(i) - 1 if i < 0 else i][column] for i in batch], tokenizer.pad_token_id,
                                device)
             out = t5.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
@@ -86,17 +101,19 @@ def evaluate_split(t5, tokenizer, table, *, family: str, kind: str, model_type: 
                    batch_size: int = 64, gen_max_len: int = 64, rationale_max_len: int = 256, samples: int = 0,
                    temperature: float = 1.0, seed: int = 0, max_input_length: int = 1024,
                    rationales: bool = True, world: int = 1, rank: int = 0,
-                   synced_gpus: bool = False) -> tuple[dict, list[dict]]:
+                   synced_gpus: bool = False, between_batches=None) -> tuple[dict, list[dict]]:
     """Greedy answers (and, with ``rationales``, rationales) for a split's tokenized table (its ``input`` and
     ``label`` columns give the records' text and the gold answers), the rows shared out over ``world``
     ranks (``synced_gpus`` under ZeRO-3: every rank generates in lockstep) and gathered on every rank;
     with ``samples`` > 0 (one process) also the majority vote over that many sampled answers and, where the
     model has the rationale task, the vote weighted by the student's own verdicts (:mod:`mindmirror.selfeval`).
-    Returns the accuracies and one record per row, on every rank.
+    Returns the accuracies and one record per row, on every rank. ``between_batches``: see :func:`generate`
+    (greedy generation only).
     """
     if samples > 0 and world > 1:
         raise ValueError("sampled votes run in one process (mindmirror-eval); greedy evaluation shards over ranks")
-    sharded = {"world": world, "rank": rank, "device": device, "batch_size": batch_size, "synced_gpus": synced_gpus}
+    sharded = {"world": world, "rank": rank, "device": device, "batch_size": batch_size, "synced_gpus": synced_gpus,
+               "between_batches": between_batches}
     has_rationale = "expl_input_ids" in table.column_names
     golds, inputs = list(table["label"]), list(table["input"])
     greedy = generate(t5, tokenizer, table, "input_ids", max_new_tokens=gen_max_len, **sharded)

@@ -3,9 +3,9 @@
 :func:`train` is the whole run: :func:`setup` builds the accelerator, data, model, optimizer and schedule
 into a :class:`Run`; :meth:`Trainer.start` resumes (or starts) a :class:`TrainState`; then for each
 optimizer step: stop?, :meth:`Trainer.train_step` (this rank's micro-batches, one clip and step),
-``maybe_log``, ``maybe_evaluate``, ``maybe_save``; at the end the ``final/`` export, the test of the
-``best/`` export, and ``summary.json``. The loop raises; the command line (:mod:`mindmirror.cli`)
-turns errors and a preemption into exit codes and sets up logging.
+``maybe_log``, ``maybe_evaluate`` (stop? before each batch), ``maybe_save``; at the end the ``final/``
+export, the test of the ``best/`` export, and ``summary.json``. The loop raises; the command line
+(:mod:`mindmirror.cli`) turns errors and a preemption into exit codes and sets up logging.
 """
 
 from __future__ import annotations
@@ -39,11 +39,13 @@ from mindmirror.runtime import Preemption, peak_memory_mb, shut_down
 
 log = logging.getLogger("mindmirror")
 EXIT_PREEMPTED = 75  # a signal asked us to stop: state saved; the SLURM template requeues on this code
-# Fault injection for tests: make the loss of these (comma-separated) steps NaN; SIGKILL every rank
-# when it is about to run this step; make the checkpoint saved on a stop signal take this many seconds
-# longer (a multi-GB save), its files appearing only at the end.
+# Fault injection for tests (harmless when unset, and nothing sets them but the tests): make the loss of
+# these (comma-separated) steps NaN; SIGKILL every rank when it is about to run this step; make the
+# checkpoint saved on a stop signal take this many seconds longer (a multi-GB save), its files appearing
+# only at the end; make every batch of a validation or test evaluation take this many seconds longer (a
+# large model's generation).
 FAULT_NAN_STEPS, FAULT_KILL_AT_STEP = "MINDMIRROR_FAULT_NAN_STEPS", "MINDMIRROR_FAULT_KILL_AT_STEP"
-FAULT_SLOW_SAVE_S = "MINDMIRROR_FAULT_SLOW_SAVE_S"
+FAULT_SLOW_SAVE_S, FAULT_SLOW_EVAL_S = "MINDMIRROR_FAULT_SLOW_SAVE_S", "MINDMIRROR_FAULT_SLOW_EVAL_S"
 EXAMPLES = 3  # test questions shown with the student's rationale at the end of a run
 
 
@@ -70,6 +72,7 @@ class TrainState:
     nonfinite_steps: int = 0  # skipped steps in all
     last_eval_step: int = -1
     last_loss: float | None = None  # of the latest log window
+    evaluation_pending: bool = False  # a stop signal cut this step's evaluation short: a resumed run repeats it
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -131,7 +134,7 @@ def train(cfg: TrainConfig) -> dict:
     t_start = time.time()
     preemption = Preemption()
     run = setup(cfg)
-    trainer = Trainer(run)
+    trainer = Trainer(run, preemption)
     with trainer:
         trainer.start()
         bar = tqdm(total=run.total_steps, initial=trainer.state.step, disable=not run.is_main, desc="training",
@@ -308,8 +311,9 @@ class LogWindow:
 class Trainer:
     """The state of one run while it trains, and the steps of the loop in :func:`train`."""
 
-    def __init__(self, run: Run):
+    def __init__(self, run: Run, preemption: Preemption | None = None):
         self.run, self.cfg, self.accelerator = run, run.cfg, run.accelerator
+        self.preemption = preemption
         self.state = TrainState()
         self.window = LogWindow(run.accelerator.device)
         self.metrics = None
@@ -323,6 +327,7 @@ class Trainer:
                                               "bf16" if run.precision == "bf16" else "fp32")  # None on CPU
         self.fault_steps = {int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s.strip()}
         self.kill_at = int(os.environ.get(FAULT_KILL_AT_STEP, "0"))
+        self.slow_eval_s = float(os.environ.get(FAULT_SLOW_EVAL_S, "0"))
 
     def __enter__(self):
         return self
@@ -347,6 +352,8 @@ class Trainer:
                 f.writelines(json.dumps(asdict(s)) + "\n" for s in run.report.skipped)
             self.metrics = open(run.out / runfiles.METRICS, "a")
         run.model.train()
+        if self.state.evaluation_pending:  # stopped during the evaluation of the step it saved: evaluate again
+            self.maybe_evaluate(force=True)
         self.t_steps = time.time()
 
     def step_rows(self):
@@ -468,14 +475,20 @@ class Trainer:
             return
         if state.last_eval_step == state.step:
             return
-        state.last_eval_step = state.step
+        state.evaluation_pending = True  # until it is done: a checkpoint saved on a stop during it says so
         t_eval = time.time()
-        with runtime.generation_autocast(self.accelerator):
-            result, records = evaluate.evaluate_split(
-                run.t5, run.tokenizer, run.tables["valid"], family=DATASETS[self.cfg.dataset].family,
-                kind=run.metric_kind, model_type=self.cfg.model_type, device=self.accelerator.device,
-                batch_size=2 * self.cfg.batch_size, gen_max_len=self.cfg.gen_max_len, rationales=False,
-                world=run.world, rank=self.accelerator.process_index, synced_gpus=run.layout.zero_stage == 3)
+        try:
+            with runtime.generation_autocast(self.accelerator):
+                result, records = evaluate.evaluate_split(
+                    run.t5, run.tokenizer, run.tables["valid"], family=DATASETS[self.cfg.dataset].family,
+                    kind=run.metric_kind, model_type=self.cfg.model_type, device=self.accelerator.device,
+                    batch_size=2 * self.cfg.batch_size, gen_max_len=self.cfg.gen_max_len, rationales=False,
+                    world=run.world, rank=self.accelerator.process_index, synced_gpus=run.layout.zero_stage == 3,
+                    between_batches=self.between_eval_batches)
+        except evaluate.EvaluationStopped as stopped:
+            self.save_and_stop(f"during the evaluation of step {state.step} ({stopped}; the resumed run repeats it)")
+        state.evaluation_pending = False
+        state.last_eval_step = state.step
         accuracy = result["accuracy"]
         if run.is_main:  # the latest evaluation's outputs, for error analysis and export checks
             evaluate.write_records(run.out / runfiles.VALID_PREDICTIONS, records)
@@ -490,6 +503,17 @@ class Trainer:
             tqdm.write(line)  # above the progress bar
             log.info(line, extra=logs.FILE_ONLY)
 
+    def between_eval_batches(self) -> bool:
+        """Whether to stop an evaluation here, before its next batch: a stop signal reached any rank. Every rank
+        calls it as often (one small sum over the ranks a batch, next to a batch's generation)."""
+        stop = self.preemption is not None and self.preemption.requested
+        if self.run.world > 1:
+            flag = torch.tensor([float(stop)], device=self.accelerator.device)
+            stop = bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+        if self.slow_eval_s and not stop:  # the next batch takes this much longer
+            time.sleep(self.slow_eval_s)
+        return stop
+
     def maybe_save(self) -> None:
         if self.cfg.save_steps and self.state.step % self.cfg.save_steps == 0:
             self.save()
@@ -501,13 +525,13 @@ class Trainer:
         checkpoint.save_checkpoint(self.accelerator, self.run.out / runfiles.CHECKPOINTS, self.state.step,
                                    self.state.state_dict(), self.cfg.save_total_limit, self.run.layout)
 
-    def save_and_stop(self) -> None:
+    def save_and_stop(self, where: str = "") -> None:
         """A stop signal: save the state of the last finished step and raise :class:`Preempted`."""
         t_save = time.time()
         time.sleep(float(os.environ.get(FAULT_SLOW_SAVE_S, "0")))
         self.save()
         # The save time tells a user whether MINDMIRROR_SHUTDOWN_TIMEOUT (launch/multinode.sh) leaves enough room.
-        log.warning(f"stop requested by a signal: saved step {self.state.step} in "
+        log.warning(f"stop requested by a signal{' ' + where if where else ''}: saved step {self.state.step} in "
                     f"{self.run.out / runfiles.CHECKPOINTS} in {time.time() - t_save:.0f} s; exiting with code "
                     f"{EXIT_PREEMPTED} (rerun with --resume to continue)")
         shut_down(self.accelerator)
@@ -523,7 +547,10 @@ class Trainer:
         self.maybe_evaluate(force=True)
         self.save()
         checkpoint.export_model(accelerator, run.model, run.tokenizer, run.out / runfiles.FINAL, {"step": state.step})
-        test_accuracy, examples = test_best_model(run)
+        try:
+            test_accuracy, examples = test_best_model(run, self.between_eval_batches)
+        except evaluate.EvaluationStopped as stopped:  # the state is saved: a resumed run ends the run again
+            self.save_and_stop(f"during the test of best/ ({stopped})")
         # Peaks right after the build and at the very end (final evaluation, exports and test included).
         build_and_end = self.gather([run.figures["mem_built"], peak_memory_mb()])
         cfg = self.cfg
@@ -597,9 +624,10 @@ def load_partitioned(t5, folder: Path, is_main: bool) -> None:
                     param.copy_(f.get_tensor(key))
 
 
-def test_best_model(run: Run) -> tuple[float, list[dict]]:
+def test_best_model(run: Run, between_batches=None) -> tuple[float, list[dict]]:
     """Test accuracy of the validation-selected export, computed once; predictions to ``predictions.jsonl``.
-    Also returns a few test records with the student's rationale, to show at the end.
+    Also returns a few test records with the student's rationale, to show at the end. ``between_batches``:
+    see :func:`mindmirror.evaluate.generate`.
 
     Under ZeRO-3 the export is loaded into the training model's partitioned module (training is over) and
     generation is synced across ranks, as in validation, so no rank ever holds a whole model. Otherwise
@@ -618,7 +646,8 @@ def test_best_model(run: Run) -> tuple[float, list[dict]]:
     split = functools.partial(evaluate.evaluate_split, t5, tokenizer, family=DATASETS[cfg.dataset].family,
                               kind=run.metric_kind, model_type=cfg.model_type, device=accelerator.device,
                               batch_size=2 * cfg.batch_size, gen_max_len=cfg.gen_max_len,
-                              rationale_max_len=cfg.max_target_length, synced_gpus=partitioned)
+                              rationale_max_len=cfg.max_target_length, synced_gpus=partitioned,
+                              between_batches=between_batches)
     with runtime.generation_autocast(accelerator):
         result, records = split(table, rationales=cfg.output_rationale, world=run.world,
                                 rank=accelerator.process_index)

@@ -7,6 +7,7 @@ import contextlib
 import os
 import resource
 import signal
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -22,10 +23,21 @@ from mindmirror.config import TrainConfig
 MAX_BUCKET = 500_000_000
 
 
+def process_group_kwargs(cfg: TrainConfig, distributed: bool) -> InitProcessGroupKwargs:
+    """How the process group starts: gloo where there is no GPU (CPU DDP and DeepSpeed), and one timeout for
+    every collective, ``--collective_timeout``. Accelerate hands it to ``torch.distributed.init_process_group``
+    (NCCL, gloo) and, under DeepSpeed, to ``deepspeed.comm.init_distributed``, which passes it on; without it
+    a rank waiting for the main process (a data-cache build, a checkpoint, an export) fails after the
+    library's default: 10 minutes for NCCL and for DeepSpeed, 30 for gloo. Groups that DeepSpeed creates
+    later keep torch's default; every wait for the main process's own work is on the default group."""
+    backend = "gloo" if distributed and not torch.cuda.is_available() else "nccl"  # "nccl": Accelerate's choice
+    return InitProcessGroupKwargs(backend=backend, timeout=timedelta(minutes=cfg.collective_timeout))
+
+
 def build_accelerator(cfg: TrainConfig) -> Accelerator:
-    """Accelerator from the launch config; gloo where there is no GPU (CPU DDP and DeepSpeed)."""
+    """Accelerator from the launch config, with :func:`process_group_kwargs`."""
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1 or os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true"
-    kwargs = [InitProcessGroupKwargs(backend="gloo")] if distributed and not torch.cuda.is_available() else []
+    kwargs = [process_group_kwargs(cfg, distributed)]
     trackers = None if cfg.no_log or cfg.report_to == "none" else cfg.report_to.split(",")
     mixed = None
     if cfg.bf16 and os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "no" \
@@ -99,10 +111,13 @@ def peak_memory_mb() -> float:
 
 
 class Preemption:
-    """Remembers that SIGTERM or SIGUSR1 arrived; the loop saves and exits at the next step boundary.
+    """Remembers that SIGTERM or SIGUSR1 arrived; the loop saves and exits at the next step boundary, or
+    between two batches of an evaluation. The ranks agree on it (a sum over ranks), so a signal that
+    reaches one rank stops them all.
 
-    launch/multinode.sh starts the launcher with both signals ignored, so that it outlives the save; the
-    trainer inherits that and takes them back here."""
+    launch/multinode.sh starts its launcher with both signals ignored; the trainer inherits that and takes
+    them back here. One process runs in place of its launcher (launch/accelerate_exec.py), so nothing
+    between the signal and the trainer can end the run before the save is on disk."""
 
     def __init__(self):
         self.requested = False

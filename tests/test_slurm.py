@@ -234,7 +234,8 @@ def test_slow_save_on_preemption_finishes_with_two_processes_per_node(slurm, tmp
 
 
 def test_slow_save_on_preemption_finishes_in_a_one_process_sweep_task(slurm, tmp_path):
-    # One process: accelerate's simple launcher forwards no signal; the trainer must receive it itself.
+    # One process: the trainer runs in place of accelerate's one-process launcher, which would kill it 5 s
+    # after a SIGTERM (launch/accelerate_exec.py); tests/test_preemption.py runs this without Slurm.
     sweep = tmp_path / "sweep.txt"
     sweep.write_text("--run 0 --output_dir out\n")
     job = _submit(tmp_path, slurm, [str(sweep), *SLOW_SAVE_ARGS], template="sweep.sbatch", sbatch_args=("--array=0",),

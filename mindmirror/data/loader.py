@@ -6,6 +6,12 @@ records what it built in a small manifest in the cache. Every later load, and ev
 manifest by a key over the data files' names, sizes and modification times, the flags that shape the rows
 and the tokenizer, and memory-maps the Arrow files: no rank parses JSON or holds a Python copy of the rows,
 and the ranks of one node share the mapped pages.
+
+On several nodes the cache may be shared (one folder every node sees) or node-local (``~/.cache`` on each
+node's own disk): global rank 0 builds first, and with it the first process of each node that does not see
+rank 0's folder, each into its own cache; every other process waits, then maps (:func:`builders_first`). A
+build writes its tables into a folder of its own and publishes them by renaming its manifest into place, so
+a reader never maps a half-written table and builders that meet in one folder never write the same file.
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +33,10 @@ from mindmirror.data.tokenize import default_cache_dir, tokenize_rows, tokenizer
 MANIFEST_VERSION = 1
 TOKEN_COLUMNS = ("input_ids", "labels", "expl_input_ids", "rationale_ids")
 PARALLEL_FROM_ROWS = 20_000  # below this, starting tokenizer worker processes costs more than it saves
+# Test-only fault injection (nothing else sets it): a build takes this many seconds longer (a cold build of
+# millions of rows), so that the other ranks wait for it in a collective.
+FAULT_SLOW_BUILD_S = "MINDMIRROR_FAULT_SLOW_BUILD_S"
+log = logging.getLogger(__name__)
 
 
 def _files_fingerprint(folder: Path) -> list:
@@ -55,7 +68,10 @@ def _open_tables(manifest: dict, splits) -> dict | None:
 
 
 def _build(cfg, tokenizer, splits, cache_dir: Path, manifest_path: Path, known: dict) -> tuple[dict, BuildReport]:
-    """Parse, build and tokenize (the cold path); write the manifest that later loads map."""
+    """Parse, build and tokenize (the cold path) into a folder of this build's own; publish it by an atomic
+    rename of the manifest that later loads map."""
+    time.sleep(float(os.environ.get(FAULT_SLOW_BUILD_S, "0")))
+    own = cache_dir / f"{manifest_path.stem}-{uuid.uuid4().hex[:12]}"  # no other builder writes here
     rows, report = build_task_rows(cfg.dataset, cfg.data_dir or None, model_type=cfg.model_type,
                                    label_type=cfg.label_type, num_train_branches=cfg.num_train_branches,
                                    valid_fraction=cfg.valid_fraction, subsample=cfg.subsample, seed=cfg.run,
@@ -65,11 +81,11 @@ def _build(cfg, tokenizer, splits, cache_dir: Path, manifest_path: Path, known: 
                                                 else 1)
     tables = {split: tokenize_rows(rows[split], tokenizer, with_rationale=cfg.model_type != "standard",
                                    max_input_length=cfg.max_input_length, max_target_length=cfg.max_target_length,
-                                   cache_dir=cache_dir, num_proc=workers if split == "train" else 1)
+                                   cache_dir=own, num_proc=workers if split == "train" else 1)
               for split in splits}
     files = known | {s: [f["filename"] for f in t.cache_files] for s, t in tables.items()}
     manifest = {"report": report.to_dict(), "files": files}
-    tmp = manifest_path.with_name(manifest_path.name + f".tmp{os.getpid()}")
+    tmp = manifest_path.with_name(f"{manifest_path.name}.tmp-{uuid.uuid4().hex}")  # pids repeat across nodes
     tmp.write_text(json.dumps(manifest))
     os.replace(tmp, manifest_path)  # atomic: a reader never sees half a manifest
     return tables, report
@@ -81,11 +97,12 @@ def load_data(cfg, tokenizer, accelerator=None, splits=("train", "valid", "test"
 
     Each table holds the task rows' text columns (``input``, ``label``, ``rationale``, ``branch``, ``source``,
     ``record``) and their token ids. ``limits`` caps a split at its first N rows (0: all). Under several
-    processes the main process builds first; the others then map what it wrote.
+    processes those that may have to build go first (:func:`builders_first`); the others then map what they
+    wrote.
     """
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    with accelerator.main_process_first() if accelerator else contextlib.nullcontext():
-        cache_dir.mkdir(parents=True, exist_ok=True)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with builders_first(accelerator, cache_dir):
         manifest_path = cache_dir / f"build-{build_key(cfg, tokenizer)}.json"
         manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
         tables = _open_tables(manifest, splits) if manifest else None
@@ -94,10 +111,44 @@ def load_data(cfg, tokenizer, accelerator=None, splits=("train", "valid", "test"
         else:
             report = BuildReport.from_dict(manifest["report"])
             report.cached = True
+    log.info(f"rank {accelerator.process_index if accelerator else 0}: "
+             f"{'mapped' if report.cached else 'built'} the tokenized tables of {manifest_path}",
+             extra={"console": False})
     for split, limit in (limits or {}).items():
         if limit and split in tables and limit < len(tables[split]):
             tables[split] = tables[split].select(range(limit))
     return tables, report
+
+
+@contextlib.contextmanager
+def builders_first(accelerator, cache_dir: Path):
+    """Let the processes that may have to build the tables go first; the others wait, then map them.
+
+    Global rank 0 goes first, and so does the first process of every node that does not see rank 0's cache
+    folder (a node-local cache): those build at once, each into its own folder. The other processes of
+    each node, and the nodes that share rank 0's folder, wait and then find the build. Whether a node
+    shares the folder is seen, not assumed: rank 0 leaves a probe file in it for the others to look for.
+    (Accelerate's ``main_process_first`` lets only global rank 0 go first: with a node-local cache every
+    process of the other nodes then built at once, in the same folder.)"""
+    if accelerator is None or accelerator.num_processes == 1:
+        yield
+        return
+    from accelerate.utils import broadcast_object_list
+
+    probe = cache_dir / f".probe-{uuid.uuid4().hex}" if accelerator.is_main_process else None
+    try:
+        if probe is not None:
+            probe.touch()
+        name = broadcast_object_list([probe.name if probe is not None else None])[0]
+        first = accelerator.is_main_process or (accelerator.is_local_main_process and not (cache_dir / name).exists())
+        if not first:
+            accelerator.wait_for_everyone()
+        yield
+        if first:
+            accelerator.wait_for_everyone()
+    finally:
+        if probe is not None:
+            probe.unlink(missing_ok=True)
 
 
 def token_lengths(table) -> dict[str, np.ndarray]:
