@@ -1,6 +1,7 @@
 """mindmirror-teacher against a chat-completions server on 127.0.0.1 (tests/chat_server.py), through the
-real HTTP client: the seed's layout, training on the output, faults, SIGKILL and rerun, shards and
-merge, the API key, the dry run, the response store and the retry policy."""
+real HTTP client: the seed's layout and text form, training on the output, faults, cut replies drawn again
+and a larger --max_tokens sending only those, stop sequences, SIGKILL and rerun, shards and merge, the API
+key, the dry run, the response store and the retry policy. Endpoint faults: test_teacher_endpoint.py."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -63,10 +65,14 @@ def api_key(monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", KEY)
 
 
-def teacher_args(server: ChatServer, src: Path, out: Path, *extra: str) -> list[str]:
+def teacher_args(server: ChatServer, src: Path, out: Path, *extra: str, base_url: str | None = None,
+                 fast_retry: bool = True, hedge_after: str = "0") -> list[str]:
+    """A run's flags. No hedging by default: on a busy CI machine a request can be slow enough to be hedged,
+    and the tests count requests exactly (test_teacher_endpoint.py tests hedging)."""
     return ["run", "--dataset", "svamp", "--data_dir", str(src), "--output_dir", str(out), "--model", "teacher-7b",
-            "--base_url", server.url, "--n_generate_sample", str(N), "--n_evaluate_sample", str(M),
-            "--chunk_size", "3", "--max_concurrency", "4", "--no_progress", *FAST_RETRY, *extra]
+            "--base_url", base_url or server.url, "--n_generate_sample", str(N), "--n_evaluate_sample", str(M),
+            "--chunk_size", "3", "--max_concurrency", "4", "--no_progress", *(FAST_RETRY if fast_retry else []),
+            "--hedge_after", hedge_after, *extra]
 
 
 def data_files(out: Path, with_parts: bool = True) -> dict[str, bytes]:
@@ -105,6 +111,13 @@ def test_writes_the_seed_layout_in_input_order(server, svamp, tmp_path, seed_dir
             assert list(record["usage_so_far"]) == list(seed[0]["usage_so_far"])
             step = record["steps"][0]
             assert formats.parse_question_fragment(step["x"]) == question and step["x"].endswith("\n")
+            # the paper's text form, though the server's replies start with a space, mostly lack the "Evaluation:"
+            # header and go on with a new "Problem:" where the stop sequence does not end them
+            for cot, evals in zip(step["new_ys"], step["value_outputs_list"]):
+                assert cot == cot.strip() and "Problem:" not in cot and cot.endswith(").")
+                for e in evals:
+                    assert e.startswith("Evaluation:\n\nThe given answer (way ") and "Problem:" not in e
+                    assert e.endswith(f"\n\nEvaluation result: the given answer is {formats.evaluation_verdict(e)[1]}.")
             assert step["ys"] == [""] and len(step["new_ys"]) == N
             assert [len(e) for e in step["value_outputs_list"]] == [M] * N
             qi = list(questions).index(question)
@@ -137,7 +150,8 @@ def test_writes_the_seed_layout_in_input_order(server, svamp, tmp_path, seed_dir
     assert train["teacher_accuracy"]["value_selected"] == 1.0 and train["verdict_agreement"]["agreement"] == 1.0
     n_right = sum(right(qi, j) for qi in range(8) for j in range(N))
     assert train["verdicts"] == {"uncertain": 0, "wrong": M * (8 * N - n_right), "correct": M * n_right, "none": 0}
-    assert train["unparsable_cots"] == 0 and train["failed_questions"] == 0
+    assert train["unparsable_cots"] == train["truncated_cots"] == train["failed_questions"] == 0
+    assert train["failed"] == []
     assert "| accuracy: every CoT |" in (out / "svamp_tree1" / "teacher_report.md").read_text()
     assert not any(KEY.encode() in data for data in data_files(out).values())
 
@@ -160,7 +174,8 @@ def test_the_trainer_trains_on_the_output(server, svamp, tmp_path):
 
 def fault_plan(info: dict, attempt: int):
     """Question 0: 429 + Retry-After; 1: two 500s; 2: a hung request; 3: a dropped connection on CoT 1's
-    value call; 4: a cut body; 5: an off-format CoT and evaluation; 6: 500 forever; 7: too few choices."""
+    value call; 4: a cut body; 5: a CoT and an evaluation cut at the token limit; 6: 500 forever; 7: too few
+    choices."""
     qi, kind, way = info["question"], info["kind"], info["way"]
     sample = kind == "sample"
     if qi == 0 and sample and attempt == 0:
@@ -173,7 +188,7 @@ def fault_plan(info: dict, attempt: int):
         return "drop"
     if qi == 4 and sample and attempt == 0:
         return "truncate"
-    if qi == 5 and (sample or way[0] == 2):
+    if qi == 5 and (sample or way[0] == 2) and info["n"] == N:  # the first request; the redraw is fine
         return "offformat"
     if qi == 6 and sample:
         return "500"
@@ -182,39 +197,102 @@ def fault_plan(info: dict, attempt: int):
     return "ok"
 
 
-def test_faults_are_retried_within_bounds_and_bad_replies_are_kept(server, svamp, tmp_path):
+def test_faults_are_retried_within_bounds_and_cut_replies_drawn_again(server, svamp, tmp_path, capsys):
     src, _ = svamp
     out = tmp_path / "out"
     server.plan = fault_plan
     assert cli.main(teacher_args(server, src, out, "--request_timeout", "1", "--chunk_size", "100",
-                                 "--max_retries", "3", "--max_failures", "1")) == 0
+                                 "--max_retries", "3", "--max_failures", "1")) == cli.INCOMPLETE  # question 6 failed
+    err = capsys.readouterr().err
+    assert "incomplete: 1 of 10 questions failed" in err and "run the same command again to retry only them" in err
     attempts = {qi: server.attempts_of(question=qi, kind="sample") for qi in range(8)}
     assert attempts[0] == [2] and attempts[1] == [3] and attempts[2] == [2] and attempts[4] == [2]
     assert attempts[6] == [4]  # bounded: 1 + --max_retries, then the question is recorded as failed
     assert sorted(server.attempts_of(question=3, kind="value")) == [1, 1, 2]
     assert sorted(server.attempts_of(question=7, kind="sample")) == [1, 1]  # n=3 gave 2 choices, topped up by n=1
+    assert sorted(server.attempts_of(question=5, kind="sample")) == [1, 1]  # the cut CoT drawn again (n=1)
     key0 = next(k for k, info in server.info.items() if info["question"] == 0 and info["kind"] == "sample")
     assert server.times[key0][1] - server.times[key0][0] >= 1.0  # Retry-After honoured
-    # 9 answered questions, one top-up, question 6's 4 attempts, 6 retries: nothing else was sent
-    assert sum(server.attempts.values()) == 9 * (1 + N) + 1 + 4 + (1 + 2 + 1 + 1 + 1)
+    # 9 answered questions, one top-up, two redraws, question 6's 4 attempts, 6 retries: nothing else was sent
+    assert sum(server.attempts.values()) == 9 * (1 + N) + 1 + 2 + 4 + (1 + 2 + 1 + 1 + 1)
+    # no cut CoT was sent for evaluation: every judged CoT is complete
+    judged = [info["judged"] for info in server.log if info["kind"] == "value"]
+    assert server.cut_texts and all(formats.tree_cot_answer(j, "svamp") for j in judged)
+    assert not {t.strip() for t in server.cut_texts} & set(judged)
 
     records = json.loads((out / "svamp_tree1" / "llm" / "train_CoT_0.json").read_text())
     assert [r["idx"] for r in records] == list(range(8))  # input order, whatever finished first
     assert [len(r["steps"][0]["new_ys"]) for r in records] == [N] * 6 + [0, N]
+    assert [len(e) for e in records[5]["steps"][0]["value_outputs_list"]] == [M] * N
     assert "HTTP 500" in records[6]["error"] and "after 4 attempts" in records[6]["error"]
-    cut = records[5]["steps"][0]["new_ys"][0]
-    assert formats.tree_cot_answer(cut, "svamp") is None  # kept as the server sent it
-    assert any(formats.evaluation_verdict(e) is None for e in records[5]["steps"][0]["value_outputs_list"][2])
+    cots = [c for r in records for c in r["steps"][0]["new_ys"]]
+    evaluations = [e for r in records for evals in r["steps"][0]["value_outputs_list"] for e in evals]
+    tree2 = formats.read_jsonl(out / "svamp_tree2" / "svamp_tree2_train.json")
+    assert all(formats.tree_cot_answer(c, "svamp") for c in cots + [row["input"] for row in tree2])  # none cut
+    assert all(formats.evaluation_verdict(e) for e in evaluations) and len(tree2) == len(evaluations)
+    assert not {t.strip() for t in server.cut_texts} & set(cots + evaluations)
     card = json.loads((out / "svamp_tree1" / "teacher_report.json").read_text())["splits"]["train"]
-    assert card["failed_questions"] == 1 and card["failures"][0]["idx"] == 6
-    assert card["unparsable_cots"] == 1 and card["truncated_cots"] == 1 and card["verdicts"]["none"] == 1
-    # Question 6 failed; question 5 has N - 1 usable CoTs (too few for tree1) and one evaluation without a
-    # verdict (dropped alone in tree2).
-    for dataset, model_type, left_out in (("svamp_tree1", "task_prefix_tree1", {5, 6}),
-                                          ("svamp_tree2", registry.SELF_EVAL, {6})):
+    assert card["failed_questions"] == 1 and card["failed"] == [{"idx": 6, "reason": records[6]["error"]}]
+    assert card["truncated_cots"] == 1 and card["truncated_evaluations"] == 1 and card["short_questions"] == 0
+    for dataset, model_type in (("svamp_tree1", "task_prefix_tree1"), ("svamp_tree2", registry.SELF_EVAL)):
         rows, _ = registry.build_task_rows(dataset, out, model_type=model_type, num_train_branches=N,
-                                           valid_fraction=0.5, skip_bad_records=True)
-        assert not {r.record for r in rows["train"]} & left_out and len(rows["test"]) > 0
+                                           valid_fraction=0.5, skip_bad_records=True)  # skips question 6
+        assert {r.record for r in rows["train"]} <= {0, 1, 2, 3, 4, 5, 7} and len(rows["test"]) > 0
+
+
+def test_raising_max_tokens_sends_again_only_the_cut_requests(server, svamp, tmp_path, capsys):
+    src, _ = svamp
+    out = tmp_path / "out"
+    # choice 0 of the first sample request of questions 1 and 4, and of the value request of question 8's CoT 1,
+    # needs 700 tokens
+    long = {1: "sample", 4: "sample", 8: "value"}
+    server.plan = lambda info, attempt: ("long", 700) if long.get(info["question"]) == info["kind"] and \
+        info["n"] == N and (info["way"] or [1])[0] == 1 else "ok"
+    assert cli.main(teacher_args(server, src, out, "--max_redraws", "0")) == cli.INCOMPLETE
+    err = capsys.readouterr().err
+    assert "2 of 10 questions have fewer than 3 usable CoTs" in err and "1 CoTs have fewer than 3 usable" in err
+    card = json.loads((out / "svamp_tree1" / "teacher_report.json").read_text())["splits"]
+    assert [f["idx"] for f in card["train"]["failed"]] == [1, 4] and card["train"]["truncated_cots"] == 2
+    assert card["test"]["failed"][0]["idx"] == 0 and "CoT 1: 2 of 3 self" in card["test"]["failed"][0]["reason"]
+    judged = [info["judged"] for info in server.log if info["kind"] == "value"]
+    assert len(judged) == 10 * N - 2 and not {t.strip() for t in server.cut_texts} & set(judged)  # cut: not judged
+    records = json.loads((out / "svamp_tree1" / "llm" / "train_CoT_0.json").read_text())
+    assert len(records[1]["steps"][0]["new_ys"]) == N - 1  # written without the cut one
+
+    # what a larger limit will cost: the three cut replies drawn again, and the two new CoTs evaluated
+    assert cli.main(teacher_args(server, src, out, "--max_redraws", "0", "--max_tokens", "1024", "--dry_run")) == 0
+    assert dry_run_total(capsys.readouterr().out)[2].startswith("5 / ")
+    server.reset()
+    assert cli.main(teacher_args(server, src, out, "--max_redraws", "0", "--max_tokens", "1024")) == 0
+    sent = [(info["question"], info["kind"], info["n"], info["limit"]) for info in server.log]
+    assert sorted(sent) == [(1, "sample", 1, 1024), (1, "value", M, 1024), (4, "sample", 1, 1024),
+                            (4, "value", M, 1024), (8, "value", 1, 1024)]  # nothing complete was sent again
+    card = json.loads((out / "svamp_tree1" / "teacher_report.json").read_text())["splits"]
+    assert card["train"]["failed"] == card["test"]["failed"] == [] and card["train"]["cots"] == 8 * N
+    reference = data_files(out, with_parts=False)
+    server.reset()
+    assert cli.main(teacher_args(server, src, out, "--max_redraws", "0", "--max_tokens", "1024")) == 0
+    assert cli.main(teacher_args(server, src, out, "--max_redraws", "0")) == 0  # back at 512: all stored and complete
+    assert server.log == [] and {k: v for k, v in data_files(out, with_parts=False).items() if "llm" in k} == \
+        {k: v for k, v in reference.items() if "llm" in k}
+
+
+def test_without_stop_sequences_the_text_is_still_cut_at_the_next_example(server, svamp, tmp_path, capsys):
+    src, _ = svamp
+    stopped, unstopped = tmp_path / "stopped", tmp_path / "unstopped"
+    assert cli.main(teacher_args(server, src, stopped, "--max_questions", "4")) == 0
+    assert {tuple(info["stop"]) for info in server.log} == {("\nProblem:",)}  # the shipped prompt's header
+    server.reset()
+    assert cli.main(teacher_args(server, src, unstopped, "--max_questions", "4", "--stop", "none",
+                                 "--extra_body", '{"seed": 5, "top_k": 3}')) == 0
+    assert {info["stop"] for info in server.log} == {None} and {info["seed"] for info in server.log} == {5}
+    for path in (stopped / "svamp_tree1" / "llm").glob("*.json"):  # the same text, though the replies went on
+        steps = [[r["steps"][0][k] for k in ("new_ys", "value_outputs_list")] for r in json.loads(path.read_text())]
+        again = json.loads((unstopped / "svamp_tree1" / "llm" / path.name).read_text())
+        assert steps == [[r["steps"][0][k] for k in ("new_ys", "value_outputs_list")] for r in again]
+    with pytest.raises(SystemExit) as stopped_by:
+        cli.main(teacher_args(server, src, unstopped, "--extra_body", '{"max_tokens": 3}'))
+    assert stopped_by.value.code == 2 and "is set by --max_tokens" in capsys.readouterr().err
 
 
 def test_too_many_failures_stop_the_run(server, svamp, tmp_path, capsys):
@@ -224,6 +302,16 @@ def test_too_many_failures_stop_the_run(server, svamp, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "3 questions failed, more than --max_failures 2" in err and "run the same command again" in err
     assert not (tmp_path / "out" / "svamp_tree1").exists()
+
+
+def test_a_model_whose_replies_are_mostly_unusable_stops_the_run(server, svamp, tmp_path, capsys):
+    src, _ = svamp
+    server.plan = lambda info, attempt: "noanswer"  # choice 0 of every reply lacks its answer or verdict
+    assert cli.main(teacher_args(server, src, tmp_path / "out", "--n_generate_sample", "1", "--n_evaluate_sample",
+                                 "1")) == 1
+    err = capsys.readouterr().err
+    assert "replies of this run are unusable" in err and "more than --max_unusable_share 0.5" in err
+    assert 50 <= len(server.log) <= 60 and not (tmp_path / "out" / "svamp_tree1").exists()
 
 
 def store_lines(out: Path) -> int:
@@ -301,28 +389,39 @@ def test_the_api_key_stays_out_of_files_and_messages(svamp, tmp_path, capsys, mo
         chat.close()
 
 
+def dry_run_total(text: str) -> list[str]:
+    """The columns of the dry run's total line ("expected / at most" pairs as one column)."""
+    line = next(line for line in text.splitlines() if line.strip().startswith("total"))
+    return re.findall(r"\$?[\d,.]+ / \$?[\d,.]+|\S+", line)
+
+
 def test_dry_run_sends_nothing_and_counts_what_is_stored(server, svamp, tmp_path, capsys):
     src, _ = svamp
     out = tmp_path / "out"
     prices = ["--prompt_price", "1.0", "--completion_price", "2.0", "--expected_completion_tokens", "50"]
     assert cli.main(teacher_args(server, src, out, "--dry_run", *prices)) == 0
     assert sum(server.attempts.values()) == 0 and not out.exists()
-    total = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("total")][0]
-    assert total[1:4] == ["10", str(10 * (1 + N)), "0"]  # questions, requests, stored
-    completions = 10 * (N + N * M)
-    assert total[5:8] == [f"{completions * 50:,}", "/", f"{completions * 512:,}"]
+    total, redraws = dry_run_total(capsys.readouterr().out), 10  # --max_redraws' default
+    # at most: every unusable reply drawn again alone, up to --max_redraws per draw
+    assert total[1:4] == ["10", f"{10 * (1 + N)} / {10 * (1 + N) * (1 + redraws)}", "0"]  # questions, requests, stored
+    completions, most = 10 * (N + N * M), 10 * (1 + N) * (N + redraws)
+    assert total[5] == f"{completions * 50:,} / {most * 512:,}"
     assert cli.main(teacher_args(server, src, out)) == 0
     sent = sum(server.attempts.values())
     assert cli.main(teacher_args(server, src, out, "--dry_run")) == 0
+    assert dry_run_total(capsys.readouterr().out)[2:4] == ["0 / 0", str(10 * (1 + N))]  # all stored
+    assert cli.main(teacher_args(server, src, out, "--dry_run", "--max_tokens", "1024")) == 0
+    assert dry_run_total(capsys.readouterr().out)[2:4] == ["0 / 0", str(10 * (1 + N))]  # complete replies reused
     assert cli.main(teacher_args(server, src, out, "--dry_run", "--temperature", "0.5")) == 0
+    changed = [dry_run_total(capsys.readouterr().out)]
     prompt_file = tmp_path / "prompt.yaml"
     prompt_file.write_text((PROMPT_DIR / "svamp.yaml").read_text().replace("Solve the", "Please solve the"))
-    assert cli.main(teacher_args(server, src, out, "--dry_run", "--prompt_file", str(prompt_file))) == 0
+    for flags in (["--prompt_file", str(prompt_file)], ["--extra_body", '{"seed": 7}'], ["--stop", "none"]):
+        assert cli.main(teacher_args(server, src, out, "--dry_run", *flags)) == 0
+        changed.append(dry_run_total(capsys.readouterr().out))
     assert sum(server.attempts.values()) == sent
-    lines = [line.split() for line in capsys.readouterr().out.splitlines() if line.strip().startswith("total")]
-    assert lines[-3][2:4] == ["0", str(10 * (1 + N))]  # all stored
-    for changed in lines[-2:]:  # another temperature or prompt reuses nothing
-        assert changed[2:4] == [str(10 * (1 + N)), "0"]
+    for total in changed:  # another temperature, prompt, body field or stop sequence reuses nothing
+        assert total[2].startswith(f"{10 * (1 + N)} / ") and total[3] == "0"
 
 
 @pytest.mark.parametrize("family", ["cqa", "anli1"])

@@ -5,25 +5,46 @@ CoTs and self-evaluations, and writes ``<family>_tree1`` and ``<family>_tree2`` 
 ``--output_dir``, ready for ``train/main.py --data_dir <output_dir>``. With ``--shard i/n`` it
 answers one block of each split; ``mindmirror-teacher merge`` then writes the data from all shards.
 See docs/teacher.md.
+
+Exit codes: 0 every question has all its CoTs and self-evaluations; 3 the run finished but questions
+failed or have fewer usable CoTs than asked (the data of the others is written, unless a split has
+none; the data card lists them); 1 stopped (too many failed questions or unusable replies); 2 a
+user error or an endpoint that cannot serve the run (one line naming the cause); 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from pathlib import Path
 
 from mindmirror.data import registry
 from mindmirror.data.formats import DataError
-from mindmirror.teacher import layout
-from mindmirror.teacher.client import ChatClient, RateLimiter, RetryPolicy, ServerRefused, public_url
+from mindmirror.teacher import layout, replies
+from mindmirror.teacher.client import (
+    TOKEN_PARAMS,
+    ChatClient,
+    RateLimiter,
+    RetryPolicy,
+    ServerRefused,
+    check_base_url,
+    public_url,
+)
 from mindmirror.teacher.generate import Progress, Sampling, Teacher, TooManyFailures, answer_all
 from mindmirror.teacher.prompts import PromptError, load_prompts
+from mindmirror.teacher.report import incomplete
 from mindmirror.teacher.store import ResponseStore, StoreLockedError
 
 PROG = "mindmirror-teacher"
+INCOMPLETE = 3  # the exit code of a run that finished with failed or short questions
+# Body fields the teacher sets itself, and the flag that sets each.
+_OWN_FIELDS = {"model": "--model", "messages": "the prompts", "n": "--n_generate_sample/--n_per_request",
+               "stream": "mindmirror-teacher (never streamed)", "max_tokens": "--max_tokens",
+               "max_completion_tokens": "--max_tokens", "temperature": "--temperature", "top_p": "--top_p",
+               "stop": "--stop"}
 
 
 def _positive(kind):
@@ -42,6 +63,25 @@ def _non_negative(kind):
             raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
         return value
     return parse
+
+
+def _extra_body(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('expected a JSON object, such as \'{"seed": 1, "top_k": 20}\'')
+    for name in value:
+        if name in _OWN_FIELDS:
+            raise argparse.ArgumentTypeError(f"{name!r} is set by {_OWN_FIELDS[name]}, not --extra_body")
+    return value
+
+
+def _hedge_after(text: str) -> float | None:
+    if text == "auto":
+        return None
+    return _non_negative(float)(text)
 
 
 def _splits(text: str) -> list[str]:
@@ -68,7 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", formatter_class=fmt, help="query the teacher and write the data (or one shard)",
                          description="Query an OpenAI-compatible chat-completions endpoint for tree-of-thought CoTs "
-                                     "and self-evaluations of a dataset's questions, and write the tree1/tree2 data.")
+                                     "and self-evaluations of a dataset's questions, and write the tree1/tree2 data.",
+                         epilog="Exit codes: 0 every question has all its CoTs; 3 finished, but questions failed or "
+                                "have fewer usable CoTs than asked (listed in the data card; the rest is written); "
+                                "1 stopped (--max_failures, --max_unusable_share); 2 a user error or an endpoint "
+                                "that cannot serve the run; 130 interrupted. See docs/teacher.md.")
     data = run.add_argument_group("data")
     data.add_argument("--dataset", required=True,
                       help="where the questions come from: svamp, cqa, anli1 (DSS layout) or svamp_tree1, cqa_tree1, "
@@ -89,16 +133,39 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--model", required=True, help="model name sent to the server")
     teacher.add_argument("--base_url", default=os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1",
                          help="OpenAI-compatible API root, e.g. http://node17:8000/v1 for vLLM; $OPENAI_BASE_URL "
-                              "sets the default")
+                              "sets the default. No user name or password in it: the key goes in --api_key_env")
     teacher.add_argument("--api_key_env", default="OPENAI_API_KEY",
                          help="environment variable holding the API key (sent as a Bearer token; unset: no key)")
     teacher.add_argument("--n_generate_sample", type=_positive(int), default=5, help="CoTs per question (N)")
     teacher.add_argument("--n_evaluate_sample", type=_positive(int), default=5, help="self-evaluations per CoT (M)")
     teacher.add_argument("--temperature", type=_non_negative(float), default=0.7, help="sampling temperature")
-    teacher.add_argument("--max_tokens", type=_positive(int), default=512, help="most tokens per completion")
+    teacher.add_argument("--max_tokens", type=_positive(int), default=512,
+                         help="most tokens per completion; a reply cut there is drawn again (--max_redraws). Not "
+                              "part of a stored response's key: raising it later reuses every complete reply and "
+                              "draws again only the cut ones")
+    teacher.add_argument("--token_param", choices=("auto", *TOKEN_PARAMS), default="auto",
+                         help="the body field that carries --max_tokens; auto: max_tokens, and "
+                              "max_completion_tokens for the rest of the run once the server's 400 rejects it "
+                              "(OpenAI's reasoning models)")
     teacher.add_argument("--top_p", type=float, default=None, help="nucleus sampling; unset: not sent")
     teacher.add_argument("--n_per_request", type=_non_negative(int), default=0,
-                         help="most choices asked for in one request, for servers that cap n; 0: all N (or M)")
+                         help="most choices asked for in one request, for servers that cap n; 0: all N (or M). "
+                              "One choice is asked without the n field; a server whose 400 rejects n gets one "
+                              "choice per request from then on")
+    teacher.add_argument("--max_redraws", type=_non_negative(int), default=10,
+                         help="replies drawn beyond N (or M) per sample or value call to replace unusable ones: cut "
+                              "at --max_tokens, or without the answer sentence or verdict the parsers need. What is "
+                              "still missing then is left out and listed in the data card; cut CoTs are never "
+                              "evaluated")
+    teacher.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                         help="a stop sequence sent with every request (repeat the flag for more; \\n is a "
+                              "newline); 'none': send none. Default: the prompt's question header on a new line "
+                              "(\\nProblem: for SVAMP, \\nQuestion: for CQA, \\nPremise: for ANLI), where a model "
+                              "would start a new few-shot example; replies are also cut there")
+    teacher.add_argument("--extra_body", type=_extra_body, default=None, metavar="JSON",
+                         help="fields merged into every request body, such as '{\"seed\": 1, \"top_k\": 20}' or "
+                              "'{\"reasoning_effort\": \"low\"}'; part of the stored responses' keys. A seed goes "
+                              "as seed + the request's first sample index, so redraws differ")
     teacher.add_argument("--prompt_file", default="",
                          help="YAML file with 'sample' and 'value' templates (and optional 'system'); empty: the "
                               "shipped prompts of the dataset's family")
@@ -108,15 +175,25 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--rpm", type=_non_negative(float), default=0, help="requests per minute; 0: no limit")
     limits.add_argument("--tpm", type=_non_negative(float), default=0,
                         help="tokens per minute (prompt estimate + n x max_tokens a request); 0: no limit")
-    limits.add_argument("--request_timeout", type=_positive(float), default=120.0, help="seconds for one request")
+    limits.add_argument("--request_timeout", type=_positive(float), default=120.0,
+                        help="seconds for one attempt of a request, hedges included (connecting: at most 10)")
+    limits.add_argument("--hedge_after", type=_hedge_after, default=None, metavar="auto|SECONDS",
+                        help="hedge a request that has not been answered after this many seconds: send a copy, take "
+                             "the first answer and cancel the rest; again after as long, up to 7 copies, one in "
+                             "flight beside the request, at most max_concurrency/4 requests hedged at a time; auto: "
+                             "2 x the 90th percentile of the latencies seen, at least 0.25 s; 0: never. Hedges are "
+                             "counted in the end-of-run line [default: auto]")
     limits.add_argument("--max_retries", type=_non_negative(int), default=6,
-                        help="retries of a request after a 429, 5xx, timeout, dropped connection or cut reply")
+                        help="retries of a request after a 429, 5xx, timeout, dropped connection or malformed reply")
     limits.add_argument("--retry_base_delay", type=_non_negative(float), default=1.0,
                         help="first backoff in seconds; doubles per retry, jittered, at least the server's "
                              "Retry-After")
     limits.add_argument("--retry_max_delay", type=_non_negative(float), default=60.0, help="longest backoff (s)")
     limits.add_argument("--max_failures", type=_non_negative(int), default=10,
                         help="stop when more questions than this have failed after their retries")
+    limits.add_argument("--max_unusable_share", type=_non_negative(float), default=0.5,
+                        help="stop when more than this share of the run's replies are unusable (checked from the "
+                             "50th reply on): a --max_tokens or prompt that does not fit the model")
 
     cost = run.add_argument_group("cost and progress")
     cost.add_argument("--prompt_price", type=_non_negative(float), default=0.0,
@@ -124,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     cost.add_argument("--completion_price", type=_non_negative(float), default=0.0,
                       help="price per 1K completion tokens (the paper's gpt-3.5-turbo: 0.002)")
     cost.add_argument("--dry_run", action="store_true",
-                      help="print the requests, estimated tokens and cost still to spend; send nothing")
+                      help="print the requests, estimated tokens and cost still to spend, top-ups and redraws "
+                           "included (expected from the store's replies so far, and at most); send nothing")
     cost.add_argument("--expected_completion_tokens", type=_positive(int), default=100,
                       help="tokens a completion is expected to take, for --dry_run's estimate")
     cost.add_argument("--no_progress", action="store_true", help="no progress bar")
@@ -144,46 +222,70 @@ def _settings(args, prompts) -> dict:
     return {"dataset": args.dataset, "model": args.model, "base_url": public_url(args.base_url),
             "n_generate_sample": args.n_generate_sample, "n_evaluate_sample": args.n_evaluate_sample,
             "temperature": args.temperature, "max_tokens": args.max_tokens, "top_p": args.top_p,
+            "max_redraws": args.max_redraws, "stop": _stop(args, prompts), "extra_body": args.extra_body or {},
             "prompt_file": prompts.source, "prompt_sha256": prompts.sha256,
             "prompt_price": args.prompt_price, "completion_price": args.completion_price,
             "chunk_size": args.chunk_size, "max_questions": args.max_questions}
 
 
+def _stop(args, prompts) -> dict[str, list[str]]:
+    """The stop sequences of each kind of call (see ``--stop``)."""
+    if args.stop is None:
+        return {"sample": replies.few_shot_markers(prompts.sample), "value": replies.few_shot_markers(prompts.value)}
+    sequences = [text.replace("\\n", "\n").replace("\\t", "\t") for text in args.stop if text != "none"]
+    if len(sequences) > 4:
+        raise ValueError(f"--stop given {len(sequences)} times: OpenAI-compatible servers take at most 4")
+    return {"sample": sequences, "value": sequences} if sequences else {}
+
+
 def _dry_run(args, teacher: Teacher, questions: dict, shard: tuple[int, int]) -> None:
     mean_cot_chars = 4 * args.expected_completion_tokens
-    total = {"requests": 0, "stored": 0, "prompt_tokens": 0, "completions": 0}
+    rates = teacher.observed_rates()
+    keys = ("requests", "requests_most", "stored", "prompt_tokens", "prompt_tokens_most", "completions",
+            "completions_most")
+    total = dict.fromkeys(keys, 0)
     print(f"{PROG} dry run (nothing is sent): {args.dataset} with {args.model}, {args.n_generate_sample} CoTs x "
           f"{args.n_evaluate_sample} self-evaluations, shard {shard[0]}/{shard[1]}")
-    print(f"  {'split':<6} {'questions':>9} {'requests':>9} {'stored':>8} {'prompt tok':>12} "
-          f"{'completion tok (expected / at most)':>36} {'cost (expected / at most)':>27}")
+    print(f"  {'split':<6} {'questions':>9} {'requests':>19} {'stored':>8} {'prompt tok':>25} "
+          f"{'completion tok':>25} {'cost':>23}")
+    print(f"  {'':<6} {'':>9} {'expected / at most':>19} {'':>8} {'expected / at most':>25} "
+          f"{'expected / at most':>25} {'expected / at most':>23}")
+
+    def pair(a, b, money=False):
+        return f"${a:,.2f} / ${b:,.2f}" if money else f"{round(a):,} / {round(b):,}"
 
     def line(name, n_questions, plan):
-        expected = plan["completions"] * args.expected_completion_tokens
-        most = plan["completions"] * args.max_tokens
-        cost = [(plan["prompt_tokens"] * args.prompt_price + c * args.completion_price) / 1000
-                for c in (expected, most)]
-        print(f"  {name:<6} {n_questions:>9,} {plan['requests']:>9,} {plan['stored']:>8,} {plan['prompt_tokens']:>12,} "
-              f"{f'{expected:,} / {most:,}':>36} {f'${cost[0]:,.2f} / ${cost[1]:,.2f}':>27}")
+        completion = [plan["completions"] * args.expected_completion_tokens, plan["completions_most"] * args.max_tokens]
+        cost = [(prompt * args.prompt_price + c * args.completion_price) / 1000
+                for prompt, c in zip((plan["prompt_tokens"], plan["prompt_tokens_most"]), completion)]
+        print(f"  {name:<6} {n_questions:>9,} {pair(plan['requests'], plan['requests_most']):>19} "
+              f"{plan['stored']:>8,} {pair(plan['prompt_tokens'], plan['prompt_tokens_most']):>25} "
+              f"{pair(*completion):>25} {pair(*cost, money=True):>23}")
 
     for split, qs in questions.items():
-        plan = {"requests": 0, "stored": 0, "prompt_tokens": 0, "completions": 0}
+        plan = dict.fromkeys(keys, 0)
         for q in qs:
-            for key, value in teacher.stored_plan(q, mean_cot_chars).items():
+            for key, value in teacher.plan(q, mean_cot_chars, rates).items():
                 plan[key] += value
         line(split, len(qs), plan)
         for key in total:
             total[key] += plan[key]
     line("total", sum(map(len, questions.values())), total)
-    print("  (requests and tokens still to spend; 'stored' requests are answered by the response store. Prompt tokens "
-          "are estimated at 4 characters a token.)")
+    shares = ", ".join(f"{kind} calls {100 * fill:.0f}% of the choices asked returned, {100 * bad:.0f}% unusable"
+                       for kind, (fill, bad) in rates.items())
+    print(f"  Requests and tokens still to spend; 'stored' requests are answered by the response store. Expected: "
+          f"with the replies stored so far ({shares}), {args.expected_completion_tokens} tokens a completion and "
+          f"prompts of 4 characters a token. At most: every unusable reply drawn again alone up to --max_redraws "
+          f"{args.max_redraws}, {args.max_tokens} tokens each.")
 
 
 async def _generate(args, teacher: Teacher, questions: dict, sizes: dict, shard: tuple[int, int], settings: dict,
-                    out: Path, family: str) -> None:
-    client = teacher.client
+                    out: Path, family: str) -> list[dict]:
+    """Answer every split and write its part file; returns all rows."""
+    client, everything = teacher.client, []
     try:
         for split, qs in questions.items():
-            progress = None if args.no_progress else Progress(len(qs), f"{family} {split}", client,
+            progress = None if args.no_progress else Progress(len(qs), f"{family} {split}", teacher,
                                                               (args.prompt_price, args.completion_price))
             sent_before = client.stats.sent
             try:
@@ -192,12 +294,39 @@ async def _generate(args, teacher: Teacher, questions: dict, sizes: dict, shard:
             finally:
                 if progress is not None:
                     progress.close()
-            failed = sum(1 for r in rows if r["error"])
             path = layout.write_part(out, family, split, shard, sizes[split], settings, rows)
-            print(f"{PROG}: {family} {split}: {len(rows)} questions ({failed} failed), "
-                  f"{client.stats.sent - sent_before} requests sent -> {path}", file=sys.stderr)
+            tally = incomplete(rows, args.n_generate_sample, args.n_evaluate_sample)
+            failed, short = tally["failed_questions"], tally["short_questions"]
+            print(f"{PROG}: {family} {split}: {len(rows)} questions ({failed} failed, {short} with fewer than "
+                  f"{args.n_generate_sample} usable CoTs), {client.stats.sent - sent_before} requests sent -> {path}",
+                  file=sys.stderr)
+            everything += rows
     finally:
         await client.aclose()
+    return everything
+
+
+def _outcome(tally: dict, settings: dict, where: str) -> int:
+    """Print what is incomplete and how to complete it; the exit code (0 or :data:`INCOMPLETE`)."""
+    n, m, questions = settings["n_generate_sample"], settings["n_evaluate_sample"], tally["questions"]
+    failed, short, short_evaluations = (tally[k] for k in ("failed_questions", "short_questions", "short_evaluations"))
+    if failed:
+        print(f"{PROG}: incomplete: {failed} of {questions} questions failed (their requests did not succeed; "
+              f"listed under 'failed' in {where}): run the same command again to retry only them", file=sys.stderr)
+    if short:
+        print(f"{PROG}: incomplete: {short} of {questions} questions have fewer than {n} usable CoTs once "
+              f"--max_redraws {settings['max_redraws']} was spent (cut at --max_tokens {settings['max_tokens']}, or "
+              f"without an answer; listed under 'failed' in {where}); the trainer skips them at "
+              f"--num_train_branches {n}. Raise --max_tokens or --max_redraws and run again: only the unusable "
+              "replies are drawn again", file=sys.stderr)
+    if short_evaluations:
+        print(f"{PROG}: warning: {short_evaluations} CoTs have fewer than {m} usable self-evaluations (listed in "
+              f"{where}); they are written with the evaluations they have, and their values sum fewer verdicts",
+              file=sys.stderr)
+    if tally["failed"]:
+        print(f"{PROG}: for example, question " + "; question ".join(f"{f['idx']}: {f['reason']}"
+                                                                     for f in tally["failed"][:3]), file=sys.stderr)
+    return INCOMPLETE if failed or short else 0
 
 
 def run(args) -> int:
@@ -213,6 +342,7 @@ def run(args) -> int:
     if unknown:
         raise ValueError(f"--splits: {args.dataset} has no split {unknown[0]!r}; it has {layout.dataset_splits(spec)}")
     shard = layout.parse_shard(args.shard)
+    check_base_url(args.base_url)
     prompts = load_prompts(family, args.prompt_file or None)
     settings = _settings(args, prompts)
     questions, sizes = {}, {}
@@ -225,11 +355,12 @@ def run(args) -> int:
         for q in questions[split]:  # a template or question that cannot be rendered fails now, not mid-run
             prompts.sample_messages(q.input, family)
     sampling = Sampling(args.model, args.n_generate_sample, args.n_evaluate_sample, args.temperature,
-                        args.max_tokens, args.top_p, args.n_per_request)
+                        args.max_tokens, args.top_p, args.n_per_request, args.max_redraws, settings["stop"],
+                        settings["extra_body"])
     store_name = f"{shard[0]}-of-{shard[1]}"
     if args.dry_run:
         store = ResponseStore(layout.work_dir(out, family), store_name, readonly=True)
-        _dry_run(args, Teacher(None, store, prompts, family, sampling), questions, shard)
+        _dry_run(args, Teacher(None, store, prompts, family, sampling, args.max_unusable_share), questions, shard)
         return 0
 
     api_key = os.environ.get(args.api_key_env) or None
@@ -244,24 +375,30 @@ def run(args) -> int:
             client = ChatClient(args.base_url, api_key, max_concurrency=args.max_concurrency,
                                 timeout=args.request_timeout,
                                 retry=RetryPolicy(args.max_retries, args.retry_base_delay, args.retry_max_delay),
-                                limiter=RateLimiter(args.rpm, args.tpm))
-            teacher = Teacher(client, store, prompts, family, sampling)
-            await _generate(args, teacher, questions, sizes, shard, settings, out, family)
-            return client.stats
+                                limiter=RateLimiter(args.rpm, args.tpm), token_param=args.token_param,
+                                hedge_after=args.hedge_after)
+            teacher = Teacher(client, store, prompts, family, sampling, args.max_unusable_share)
+            rows = await _generate(args, teacher, questions, sizes, shard, settings, out, family)
+            return client.stats, teacher.counts, rows
 
-        stats = asyncio.run(generate_all())
+        stats, counts, rows = asyncio.run(generate_all())
     finally:
         store.close()
     problems = ", ".join(f"{k} {v}" for k, v in sorted(stats.problems.items())) or "none"
-    print(f"{PROG}: {stats.sent} requests sent, {stats.completed} completed, {stats.retried} retried, "
-          f"{stats.failed} given up (problems: {problems}); {stats.prompt_tokens:,} prompt and "
-          f"{stats.completion_tokens:,} completion tokens", file=sys.stderr)
-    if shard[1] == 1:
-        _report_written(layout.merge(out, family, splits, 1), out)
-    else:
+    hedges = f" ({stats.hedged} of them hedges of slow requests, {stats.hedges_first} answered first)" \
+        if stats.hedged else ""
+    print(f"{PROG}: {stats.sent} requests sent{hedges}, {stats.completed} completed, {stats.retried} retried, "
+          f"{stats.failed} given up (problems: {problems}); {counts['replies']} replies, "
+          f"{counts['cut'] + counts['unparsable']} of them unusable and left out ({counts['cut']} cut at --max_tokens "
+          f"{args.max_tokens}, {counts['unparsable']} without the answer or verdict the parsers need); "
+          f"{stats.prompt_tokens:,} prompt and {stats.completion_tokens:,} completion tokens", file=sys.stderr)
+    if shard[1] > 1:
+        code = _outcome(incomplete(rows, args.n_generate_sample, args.n_evaluate_sample), settings,
+                        f"the part files in {layout.work_dir(out, family)}")
         print(f"{PROG}: shard {shard[0]}/{shard[1]} done; once all {shard[1]} are, run: {PROG} merge --dataset "
               f"{args.dataset} --output_dir {out}", file=sys.stderr)
-    return 0
+        return code
+    return _write_data(out, family, splits, 1)
 
 
 def merge(args) -> int:
@@ -278,14 +415,25 @@ def merge(args) -> int:
             raise ValueError(f"part files for {sorted(counts) or 'no'} shard counts in {layout.work_dir(out, family)}: "
                              "pass --shards N")
         shards = counts.pop()
-    _report_written(layout.merge(out, family, splits, shards), out)
-    return 0
+    return _write_data(out, family, splits, shards)
 
 
-def _report_written(paths: list[Path], out: Path) -> None:
+def _write_data(out: Path, family: str, splits: list[str], shards: int) -> int:
+    """Merge the parts into the data, say what is incomplete, and offer the data for training only if there is
+    some; the exit code."""
+    try:
+        paths, card = layout.merge(out, family, splits, shards)
+    except layout.NothingUsable as e:
+        print(f"{PROG}: {e}; see the part files in {layout.work_dir(out, family)}", file=sys.stderr)
+        return INCOMPLETE
+    sections = [card["splits"][split] for split in splits]
+    tally = {key: sum((section[key] for section in sections), [] if key == "failed" else 0)
+             for key in ("questions", "failed_questions", "short_questions", "short_evaluations", "failed")}
+    code = _outcome(tally, sections[0]["settings"], str(out / f"{family}_tree1" / "teacher_report.json"))
     folders = sorted({str(p.parent.relative_to(out)) for p in paths})
-    print(f"{PROG}: wrote {len(paths)} files in {out} ({', '.join(folders)}); train with "
-          f"--data_dir {out}", file=sys.stderr)
+    print(f"{PROG}: wrote {len(paths)} files in {out} ({', '.join(folders)}); train with --data_dir {out}"
+          + (" (incomplete, as said above)" if code else ""), file=sys.stderr)
+    return code
 
 
 def main(argv: list[str] | None = None) -> int:

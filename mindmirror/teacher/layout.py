@@ -14,7 +14,9 @@ the tree-of-thought layout, under ``--output_dir OUT``::
 
 A shard writes its questions' rows to a part file; merging the parts of a split (one part for an
 unsharded run) writes the final files, each atomically. Merging is a pure function of the parts,
-so shards merged give the same bytes as one run.
+so shards merged give the same bytes as one run. Rows hold only usable teacher text (see
+:mod:`~mindmirror.teacher.replies`): what stayed unusable is left out and listed in the data card.
+A split in which no question has a usable CoT is not written at all.
 """
 
 from __future__ import annotations
@@ -30,9 +32,13 @@ from mindmirror.data.synthetic import VERDICT_VALUE
 from mindmirror.teacher import report
 from mindmirror.teacher.generate import Question
 
-PART_FORMAT = "mindmirror-teacher-part/1"
+PART_FORMAT = "mindmirror-teacher-part/2"
 # Settings that may differ between the shards of one split (where the requests went).
 _LOCAL_SETTINGS = ("base_url",)
+
+
+class NothingUsable(RuntimeError):
+    """A split has no question with a usable CoT: there is no data to offer the trainer."""
 
 
 def source_spec(dataset: str) -> registry.DatasetSpec:
@@ -190,24 +196,32 @@ def _write_chunks(llm_dir: Path, split: str, chunks: list[str]) -> None:
             path.unlink()
 
 
-def merge(out: Path, family: str, splits: list[str], shards: int) -> list[Path]:
-    """Write the final tree1/tree2 files and the data card of ``splits`` from their part files."""
+def merge(out: Path, family: str, splits: list[str], shards: int) -> tuple[list[Path], dict]:
+    """Write the final tree1/tree2 files and the data card of ``splits`` from their part files.
+
+    Returns the paths written and the data card. Raises :class:`NothingUsable`, writing nothing,
+    when a split has no question with a usable CoT.
+    """
     tree1, tree2 = out / f"{family}_tree1", out / f"{family}_tree2"
+    parts = {split: _read_parts(out, family, split, shards) for split in splits}
+    for split, (rows, _) in parts.items():
+        if not any(r["cots"] for r in rows):
+            failed = sum(1 for r in rows if r["error"])
+            raise NothingUsable(f"the {split} split has no question with a usable CoT ({failed} of {len(rows)} "
+                                "failed, the others' replies were all unusable): no data written")
     card_path = tree1 / "teacher_report.json"
     card = formats.read_json(card_path) if card_path.is_file() else {}
     card = {"family": family, "splits": card.get("splits", {}) if card.get("family") == family else {}}
     written = []
-    for split in splits:
-        rows, settings = _read_parts(out, family, split, shards)
+    for split, (rows, settings) in parts.items():
         records = teacher_records(rows, (settings["prompt_price"], settings["completion_price"]))
         size = settings["chunk_size"]
         chunks = [json.dumps(records[k:k + size], indent=4, ensure_ascii=True) for k in range(0, len(records), size)]
         for folder in (tree1, tree2):
             _write_chunks(folder / "llm", split, chunks)
         gt = _jsonl({"input": r["input"], "label": r["label"]} for r in rows)
-        verdicts = _jsonl({"input": cot, "label": parsed[1]} for r in rows
-                          for cot, evals in zip(r["cots"], r["evaluations"])
-                          for parsed in map(formats.evaluation_verdict, evals) if parsed is not None)
+        verdicts = _jsonl({"input": cot, "label": formats.evaluation_verdict(e)[1]} for r in rows
+                          for cot, evals in zip(r["cots"], r["evaluations"]) for e in evals)
         for path, text in ((tree1 / f"{family}_tree1_{split}.json", gt),
                            (tree2 / f"{family}_tree2_{split}.json", verdicts)):
             write_atomic(path, text)
@@ -220,7 +234,7 @@ def merge(out: Path, family: str, splits: list[str], shards: int) -> list[Path]:
         write_atomic(folder / "teacher_report.json", json.dumps(card, indent=2, ensure_ascii=True) + "\n")
         write_atomic(folder / "teacher_report.md", report.markdown(card))
         written += [folder / "teacher_report.json", folder / "teacher_report.md"]
-    return written
+    return written, card
 
 
 def find_shard_counts(out: Path, family: str, split: str) -> list[int]:

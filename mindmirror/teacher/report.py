@@ -4,8 +4,11 @@ Per split it says how good the teacher was (accuracy of its CoTs against the gro
 CoT, the first one, the majority vote and the CoT the self-evaluations selected), how much of its
 text the trainer cannot parse, how its verdicts are distributed, and how well the verdicts agree
 with the CoTs' correctness: self-evaluation distillation teaches the student those verdicts, so
-a teacher whose verdicts do not track correctness has nothing to teach. A CoT without a parsable
-answer counts as wrong throughout.
+a teacher whose verdicts do not track correctness has nothing to teach. It also lists every
+question whose data is incomplete (``failed``): requests that failed, or fewer usable CoTs or
+self-evaluations than asked once the redraw bound was spent; the unusable replies themselves
+(cut at ``max_tokens``, or without the answer or verdict the parsers need) are counted and left out
+of the data.
 """
 
 from __future__ import annotations
@@ -29,47 +32,56 @@ def _correct(answer: str | None, gold: str, family: str) -> bool:
     return metrics.exact_match(answer, gold)
 
 
+def failure(row: dict) -> str | None:
+    """Why a row's data is incomplete, or ``None`` when it is complete."""
+    return row["error"] or ("; ".join(row["missing"]) if row["missing"] else None)
+
+
+def incomplete(rows: list[dict], n: int, m: int) -> dict:
+    """What is incomplete in ``rows``: failed questions, questions with fewer than ``n`` usable CoTs, CoTs
+    with fewer than ``m`` usable self-evaluations, and the ``failed`` list of every such question."""
+    return {"questions": len(rows), "failed_questions": sum(1 for r in rows if r["error"]),
+            "short_questions": sum(1 for r in rows if not r["error"] and len(r["cots"]) < n),
+            "short_evaluations": sum(1 for r in rows for evals in r["evaluations"] if len(evals) < m),
+            "failed": [{"idx": r["idx"], "reason": failure(r)} for r in rows if failure(r)]}
+
+
 def split_report(rows: list[dict], records: list[dict], family: str, settings: dict) -> dict:
     """The card of one split from its rows (see ``layout``) and the teacher records written from them."""
     kind = "equation" if family == "svamp" else "text"
     answered = [(row, rec) for row, rec in zip(rows, records) if not row["error"]]
-    cots = unparsable = truncated_cots = truncated_evals = 0
-    right_cots = first_right = vote_right = selected_right = 0
-    verdicts = {v: 0 for v in (*formats.VERDICTS, "none")}
-    confusion = {side: {v: 0 for v in (*formats.VERDICTS, "none")} for side in ("right_cot", "wrong_cot")}
+    cots = right_cots = first_right = vote_right = selected_right = 0
+    verdicts = {v: 0 for v in (*formats.VERDICTS, "none")}  # none: 0, evaluations without one are left out
+    confusion = {side: {v: 0 for v in formats.VERDICTS} for side in ("right_cot", "wrong_cot")}
     for row, rec in answered:
-        answers = [formats.tree_cot_answer(cot, family) if formats.tree_cot_rationale(cot, family) is not None
-                   else None for cot in row["cots"]]
-        right = [_correct(a, row["label"], family) for a in answers]
-        cots += len(answers)
-        unparsable += answers.count(None)
+        right = [_correct(formats.tree_cot_answer(cot, family), row["label"], family) for cot in row["cots"]]
+        cots += len(right)
         right_cots += sum(right)
-        truncated_cots += row["truncated_cots"]
-        truncated_evals += row["truncated_evaluations"]
         if right:
             first_right += right[0]
-            vote_right += _correct(vote([a for a in answers if a is not None], kind), row["label"], family)
+            vote_right += _correct(vote([formats.tree_cot_answer(c, family) for c in row["cots"]], kind),
+                                   row["label"], family)
             selected = rec["steps"][0]["select_new_ys"][0]
             selected_right += right[row["cots"].index(selected)]
         for is_right, evaluations in zip(right, row["evaluations"]):
             for evaluation in evaluations:
-                parsed = formats.evaluation_verdict(evaluation)
-                verdict = parsed[1] if parsed else "none"
+                verdict = formats.evaluation_verdict(evaluation)[1]
                 verdicts[verdict] += 1
                 confusion["right_cot" if is_right else "wrong_cot"][verdict] += 1
+    cut_cots, bad_cots = (sum(row[k] for row in rows) for k in ("cut_cots", "unparsable_cots"))
+    cut_evals, bad_evals = (sum(row[k] for row in rows) for k in ("cut_evaluations", "unparsable_evaluations"))
     evaluations = sum(verdicts.values())
     decisive = sum(confusion[side][v] for side in confusion for v in ("correct", "wrong"))
     agree = confusion["right_cot"]["correct"] + confusion["wrong_cot"]["wrong"]
-    failures = [{"idx": row["idx"], "reason": row["error"]} for row in rows if row["error"]]
+    tally = incomplete(rows, settings["n_generate_sample"], settings["n_evaluate_sample"])
+    failed = tally.pop("failed")
     last = records[-1]["usage_so_far"] if records else {"prompt_tokens": 0, "completion_tokens": 0, "cost": 0.0}
     return {
-        "questions": len(rows),
-        "failed_questions": len(failures),
-        "failures": failures[:MAX_LISTED_FAILURES],
+        **tally,
         "cots": cots,
-        "unparsable_cots": unparsable,
-        "unparsable_cot_share": _share(unparsable, cots),
-        "truncated_cots": truncated_cots,
+        "truncated_cots": cut_cots,
+        "unparsable_cots": bad_cots,
+        "left_out_cot_share": _share(cut_cots + bad_cots, cots + cut_cots + bad_cots),
         "teacher_accuracy": {
             "all_cots": _share(right_cots, cots),
             "first_cot": _share(first_right, len(answered)),
@@ -77,9 +89,10 @@ def split_report(rows: list[dict], records: list[dict], family: str, settings: d
             "value_selected": _share(selected_right, len(answered)),
         },
         "evaluations": evaluations,
+        "truncated_evaluations": cut_evals,
+        "unparsable_evaluations": bad_evals,
+        "left_out_evaluation_share": _share(cut_evals + bad_evals, evaluations + cut_evals + bad_evals),
         "verdicts": verdicts,
-        "unparsable_evaluation_share": _share(verdicts["none"], evaluations),
-        "truncated_evaluations": truncated_evals,
         "verdict_agreement": {
             "agreement": _share(agree, decisive),
             "correct_on_right_cots": _share(confusion["right_cot"]["correct"], sum(confusion["right_cot"].values())),
@@ -87,6 +100,7 @@ def split_report(rows: list[dict], records: list[dict], family: str, settings: d
             "confusion": confusion,
         },
         "usage": dict(last),
+        "failed": failed,
         "settings": settings,
     }
 
@@ -100,23 +114,27 @@ def markdown(report: dict) -> str:
     family, splits = report["family"], report["splits"]
     names = list(splits)
     lines = [f"# Teacher data: {family}", "",
-             f"Written by mindmirror-teacher into `{family}_tree1/` and `{family}_tree2/`. Accuracy compares the "
-             "teacher's parsed answers with the ground truth; a CoT without a parsable answer counts as wrong. "
-             "Agreement is the share of `correct`/`wrong` verdicts that match the judged CoT's correctness.", "",
+             f"Written by mindmirror-teacher into `{family}_tree1/` and `{family}_tree2/`. Only usable replies are "
+             "written: those cut at max_tokens or without the answer or verdict the parsers need were drawn again "
+             "(up to --max_redraws) and are counted here as left out. Accuracy compares the teacher's answers with "
+             "the ground truth (a question without a usable CoT counts as wrong). Agreement is the share of "
+             "`correct`/`wrong` verdicts that match the judged CoT's correctness.", "",
              "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
 
     def row(label, fn):
         lines.append(f"| {label} | " + " | ".join(fn(splits[s]) for s in names) + " |")
 
-    row("questions (failed)", lambda s: f"{s['questions']} ({s['failed_questions']})")
-    row("CoTs (unparsable, cut at max_tokens)",
-        lambda s: f"{s['cots']} ({s['unparsable_cots']}, {s['truncated_cots']})")
+    row("questions (failed, fewer CoTs than asked)",
+        lambda s: f"{s['questions']} ({s['failed_questions']}, {s['short_questions']})")
+    row("CoTs written (left out: cut at max_tokens, no answer)",
+        lambda s: f"{s['cots']} ({s['truncated_cots']}, {s['unparsable_cots']})")
     for name, label in (("all_cots", "accuracy: every CoT"), ("first_cot", "accuracy: first CoT"),
                         ("majority_vote", "accuracy: majority vote"),
                         ("value_selected", "accuracy: CoT selected by its self-evaluations")):
         row(label, lambda s, name=name: _pct(s["teacher_accuracy"][name]))
-    row("self-evaluations (cut at max_tokens)", lambda s: f"{s['evaluations']} ({s['truncated_evaluations']})")
-    for verdict in (*formats.VERDICTS, "none"):
+    row("self-evaluations written (left out: cut at max_tokens, no verdict)",
+        lambda s: f"{s['evaluations']} ({s['truncated_evaluations']}, {s['unparsable_evaluations']})")
+    for verdict in formats.VERDICTS:
         row(f"verdict {verdict}",
             lambda s, v=verdict: f"{s['verdicts'][v]} ({_pct(_share(s['verdicts'][v], s['evaluations']))})")
     row("verdict agreement with correctness", lambda s: _pct(s["verdict_agreement"]["agreement"]))
@@ -132,9 +150,11 @@ def markdown(report: dict) -> str:
         lines += ["", f"## Settings ({title})", "", "| setting | value |", "|---|---|"]
         lines += [f"| {key} | {value} |" for key, value in values.items()]
     for name in names:
-        failures = splits[name]["failures"]
-        if failures:
-            lines += ["", f"## Failed questions of {name} ({splits[name]['failed_questions']}; the first "
-                          f"{len(failures)})", ""]
-            lines += [f"- {f['idx']}: {f['reason']}" for f in failures]
+        failed = splits[name]["failed"]
+        if failed:
+            shown = failed[:MAX_LISTED_FAILURES]
+            lines += ["", f"## Incomplete questions of {name} ({len(failed)}; "
+                          f"{'all' if len(shown) == len(failed) else f'the first {len(shown)}'}, all in "
+                          "teacher_report.json)", ""]
+            lines += [f"- {f['idx']}: {f['reason']}" for f in shown]
     return "\n".join(lines) + "\n"

@@ -3,9 +3,11 @@
 Every response the server completes is appended to a JSON-lines file and fsync'd *before* it is
 used, so a run killed at any moment (SIGKILL included) and started again finds every response it
 had used and pays for none of them twice. A response is keyed by a hash of what decides it: the
-model, the messages, the sampling parameters and its place among the samples drawn for the same
-prompt (see :func:`request_key`); a changed prompt or sampling parameter therefore never reuses a
-stale response.
+model, the messages, the sampling parameters (temperature, top_p, stop sequences, extra body
+fields) and its place among the samples drawn for the same prompt (see :func:`request_key`); a
+changed prompt or sampling parameter therefore never reuses a stale response. The completion
+limit is not part of the key: each response records the ``max_tokens`` it was made with, so a run
+with a larger one reuses every complete reply (see :mod:`~mindmirror.teacher.generate`).
 
 Each process appends to its own file (``responses-<shard>.jsonl``, guarded by an exclusive lock)
 and reads every ``responses*.jsonl`` of the folder, so the shards of a job array share their
@@ -106,6 +108,10 @@ class ResponseStore:
 
     def __contains__(self, key: str) -> bool:
         return key in self._entries
+
+    def values(self):
+        """Every stored response."""
+        return self._entries.values()
 
     def get(self, key: str) -> dict | None:
         """The stored response of ``key``, or ``None``."""
