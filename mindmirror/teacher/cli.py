@@ -432,7 +432,8 @@ def _write_data(out: Path, family: str, splits: list[str], shards: int) -> int:
     code = _outcome(tally, sections[0]["settings"], str(out / f"{family}_tree1" / "teacher_report.json"))
     folders = sorted({str(p.parent.relative_to(out)) for p in paths})
     print(f"{PROG}: wrote {len(paths)} files in {out} ({', '.join(folders)}); train with --data_dir {out}"
-          + (" (incomplete, as said above)" if code else ""), file=sys.stderr)
+          + (" (incomplete, as said above)" if code else "")
+          + f", e.g. the paper's recipes: mindmirror-recipes --dataset {family} --data_dir {out}", file=sys.stderr)
     return code
 
 
