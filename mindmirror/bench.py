@@ -235,10 +235,9 @@ def run(argv: list[str] | None = None) -> dict | None:
 
     figures = {name: statistics.median(v) for name, v in samples.items()}
     base = figures.get("baseline")
-    lines = ["", "| run | samples/s | vs baseline |", "|---|---|---|"]
-    for name, value in figures.items():
-        ratio = f"{value / base:.2f}x" if base else "-"
-        lines.append(f"| {name} | {value:.2f} | {ratio} |")
+    lines = ["", runfiles.markdown_table(["run", "samples/s", "vs baseline"],
+                                         [[name, f"{value:.2f}", f"{value / base:.2f}x" if base else "-"]
+                                          for name, value in figures.items()])]
     lines += ["", f"padding fraction over one epoch: random batches {padding['random']:.1%}, "
                   f"length-grouped {padding['grouped']:.1%}"]
     print("\n".join(lines), flush=True)

@@ -68,7 +68,7 @@ def launch(data_dir: Path, cache: Path, out: Path, nproc: int) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"the trainer failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    return json.loads((out / runfiles.SUMMARY).read_text())
+    return runfiles.read_summary(out)
 
 
 def parse_args(argv=None):
@@ -111,13 +111,10 @@ def table(results: list[dict]) -> str:
     """A markdown table: per size and cache state, the worst rank's time to the first step and peak RSS, and the
     peak above the smallest size's (same cache state)."""
     smallest = {r["cache"]: max(r["peak_rss_mb"]) for r in results if r["target_rows"] == results[0]["target_rows"]}
-    lines = ["| training rows | cache | to first step (s, worst rank) | peak RSS (MB, worst rank) | above smallest |",
-             "|---|---|---|---|---|"]
-    for r in results:
-        peak = max(r["peak_rss_mb"])
-        lines.append(f"| {r['rows']:,} | {r['cache']} | {max(r['first_step_s']):.1f} | {peak:,.0f} | "
-                     f"{peak - smallest[r['cache']]:+,.0f} |")
-    return "\n".join(lines)
+    header = ["training rows", "cache", "to first step (s, worst rank)", "peak RSS (MB, worst rank)", "above smallest"]
+    return runfiles.markdown_table(header, [
+        [f"{r['rows']:,}", r["cache"], f"{max(r['first_step_s']):.1f}", f"{max(r['peak_rss_mb']):,.0f}",
+         f"{max(r['peak_rss_mb']) - smallest[r['cache']]:+,.0f}"] for r in results])
 
 
 def main(argv=None) -> int:

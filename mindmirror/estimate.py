@@ -28,6 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from mindmirror.runfiles import markdown_table
+
 GIB = 2 ** 30
 INDEX_BYTES = 8  # int64 token ids, position buckets and target indices saved for the backward pass
 PEAK_FLOPS_ENV = "MINDMIRROR_PEAK_FLOPS"
@@ -449,10 +451,9 @@ class MemoryEstimate:
 
     def describe(self) -> str:
         """The breakdown as a Markdown table, one row per term (GiB)."""
-        rows = ["| kind | term | GiB |", "|---|---|---|"]
-        rows += [f"| {kind} | {what} | {nbytes / GIB:.3f} |" for kind, what, nbytes in self.terms]
-        rows.append(f"| | total: model states + max(buffers + activations, late) | {self.total / GIB:.3f} |")
-        return "\n".join(rows)
+        rows = [(kind, what, f"{nbytes / GIB:.3f}") for kind, what, nbytes in self.terms]
+        rows.append(("", "total: model states + max(buffers + activations, late)", f"{self.total / GIB:.3f}"))
+        return markdown_table(("kind", "term", "GiB"), rows)
 
 
 def _zero3_gathered(c, p_gathered: int, s: ZeroSettings, two_forwards: bool, gradient_checkpointing: bool,
@@ -752,14 +753,12 @@ def deepspeed_comparison(sizes=COMPARED_SIZES, world_sizes=COMPARED_WORLD_SIZES,
 def deepspeed_table(rows: list[dict] | None = None) -> str:
     """:func:`deepspeed_comparison` as a Markdown table in GiB (``python -m mindmirror.estimate`` prints it)."""
     rows = deepspeed_comparison() if rows is None else rows
-    lines = ["| model | GPUs | ZeRO | DeepSpeed's estimator | planner: model states | ratio | "
-             "planner: + buffers, no activations | ratio |", "|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ds = r["deepspeed"]
-        lines.append(f"| {r['model']} | {r['world_size']} | {r['zero']} | {ds / GIB:.2f} | "
-                     f"{r['model_states'] / GIB:.2f} | {r['model_states'] / ds:.3f} | "
-                     f"{r['without_activations'] / GIB:.2f} | {r['without_activations'] / ds:.2f} |")
-    return "\n".join(lines)
+    header = ("model", "GPUs", "ZeRO", "DeepSpeed's estimator", "planner: model states", "ratio",
+              "planner: + buffers, no activations", "ratio")
+    return markdown_table(header, [(r["model"], r["world_size"], r["zero"], f"{r['deepspeed'] / GIB:.2f}",
+                                    f"{r['model_states'] / GIB:.2f}", f"{r['model_states'] / r['deepspeed']:.3f}",
+                                    f"{r['without_activations'] / GIB:.2f}",
+                                    f"{r['without_activations'] / r['deepspeed']:.2f}") for r in rows])
 
 
 if __name__ == "__main__":

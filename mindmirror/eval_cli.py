@@ -35,20 +35,16 @@ def run_config(run_dir: Path) -> dict:
     return values if isinstance(values, dict) and "dataset" in values else {}  # not a T5 config.json
 
 
-def run_summary(run_dir: Path) -> dict:
-    """The run's summary.json (``{}`` while it is still training, or when there is none)."""
-    try:
-        return json.loads((run_dir / runfiles.SUMMARY).read_text())
-    except (OSError, ValueError):
-        return {}
+def started_from(run_dir: Path) -> str:
+    """The export the run was initialised from (its summary's, resolved; else its config's), or ``""``."""
+    return (runfiles.finished_summary(run_dir) or {}).get("init_from") or run_config(run_dir).get("init_from", "")
 
 
 def learned_verdicts(run_dir: Path, depth: int = 8) -> bool:
     """Whether the run, or a run it was initialised from, trained the self-evaluation task."""
-    config = run_config(run_dir)
-    if config.get("model_type") == SELF_EVAL:
+    if run_config(run_dir).get("model_type") == SELF_EVAL:
         return True
-    start = run_summary(run_dir).get("init_from") or config.get("init_from")
+    start = started_from(run_dir)
     return bool(start) and depth > 0 and learned_verdicts(Path(start).parent, depth - 1)
 
 
@@ -165,7 +161,7 @@ def main(argv=None) -> dict:
         args.max_samples = values.get(limit, 0) if limit else 0
     values.update(output_dir=str(run_dir), init_from="", continue_train=False)
     if kind == "checkpoint":  # the architecture comes from where the run started (summary.json: resolved)
-        values["init_from"] = run_summary(run_dir).get("init_from") or run_config(run_dir).get("init_from", "")
+        values["init_from"] = started_from(run_dir)
         if values["init_from"] and not Path(values["init_from"]).is_dir():
             raise ModelLoadError(f"{run_dir / runfiles.CONFIG} says the run started from {values['init_from']}, "
                                  "which is not a folder from here: run mindmirror-eval from the run's working "

@@ -86,8 +86,7 @@ def score(predictions: list[str], golds: list[str], kind: str) -> tuple[float, l
     """Accuracy and per-row correctness: safe arithmetic value match or exact text match."""
     if len(predictions) != len(golds):
         raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold answers")
-    match = metrics.equation_value_equal if kind == "equation" else metrics.exact_match
-    correct = [bool(match(p, g)) for p, g in zip(predictions, golds)]
+    correct = [metrics.is_correct(p, g, kind) for p, g in zip(predictions, golds)]
     return (sum(correct) / len(correct) if correct else 0.0), correct
 
 

@@ -42,6 +42,8 @@ import sys
 import time
 from pathlib import Path
 
+from mindmirror import runfiles
+
 LAYOUTS = {"ddp": 0, "zero2": 2, "zero3": 3}  # the runs whose losses must agree, and their ZeRO stages
 RUNS = ("ddp", "zero2", "reload", "zero3")  # in the order the script runs them
 ROWS, LOSSES = "rows.jsonl", "losses.json"  # in the results folder
@@ -220,7 +222,6 @@ def plan(args) -> int:
           f"; a row's peak is the {'GPU memory allocated' if cuda else 'RSS'} above the pre-model baseline")
     print()
     print(HEADER)
-    print(RULE)
     return 0
 
 
@@ -317,9 +318,9 @@ def train(argv: list[str]) -> int:
 # ---------------------------------------------------------------------------------------------
 # row
 
-HEADER = ("| run | status | steps | tokens/s | MFU | peak / plan (GiB) | eval s | save s | host syncs/step | "
-          "loss first → last | wall s |")
-RULE = "|---|---|---|---|---|---|---|---|---|---|---|"
+COLUMNS = ("run", "status", "steps", "tokens/s", "MFU", "peak / plan (GiB)", "eval s", "save s", "host syncs/step",
+           "loss first → last", "wall s")
+HEADER = runfiles.markdown_table(COLUMNS, [])  # printed once by plan; each run's row prints its own line
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -350,7 +351,7 @@ def save_seconds(run: Path) -> float | None:
     """Seconds of the newest checkpoint save: from Accelerate's "Saving current state to .tmp-step_N" line in
     log.txt to the manifest, which the trainer writes last."""
     try:
-        lines = (run / "log.txt").read_text(errors="replace").splitlines()
+        lines = (run / runfiles.LOG).read_text(errors="replace").splitlines()
     except OSError:
         return None
     started = {}
@@ -414,11 +415,8 @@ def row(args) -> int:
     plan_record = json.loads(Path(args.plan).read_text())
     results, run = Path(args.results), Path(args.run)
     results.mkdir(parents=True, exist_ok=True)
-    try:
-        summary = json.loads((run / "summary.json").read_text())
-    except (OSError, ValueError):
-        summary = None
-    metrics = _read_jsonl(run / "metrics.jsonl")
+    summary = runfiles.finished_summary(run)
+    metrics = _read_jsonl(run / runfiles.METRICS)
     train = [m for m in metrics if "loss" in m and m.get("split", "train") == "train"]
     valid = [m for m in metrics if m.get("split") == "valid"]
     tokens = _median_after_first([m.get("tokens_per_s") for m in train])
@@ -440,8 +438,8 @@ def row(args) -> int:
         memory = f"{peak / GIB:.2f}{'' if summary else '*'} / " + \
             (f"{planned / GIB:.2f} ({peak / planned:.2f})" if planned else "n/a")
     loss = f"{losses[0][1]:.4f} → {losses[-1][1]:.4f}" if losses else "n/a"
-    print(f"| {args.name} | {status} | {steps} | {_fmt(tokens, ',.0f')} | {_fmt(mfu, '.1%')} | {memory} | "
-          f"{_fmt(eval_s, '.1f')} | {_fmt(save_s, '.1f')} | {syncs} | {loss} | {args.seconds} |", flush=True)
+    print(runfiles.markdown_row([args.name, status, steps, _fmt(tokens, ',.0f'), _fmt(mfu, '.1%'), memory,
+                                 _fmt(eval_s, '.1f'), _fmt(save_s, '.1f'), syncs, loss, args.seconds]), flush=True)
 
     extra = {}
     if summary is not None:
@@ -460,7 +458,7 @@ def row(args) -> int:
     (results / LOSSES).write_text(json.dumps(stored, indent=1))
     kept = results / args.name  # the run's small files, for reading after its folder is gone
     kept.mkdir(exist_ok=True)
-    for name in ("summary.json", "metrics.jsonl", "log.txt", "config.json"):
+    for name in (runfiles.SUMMARY, runfiles.METRICS, runfiles.LOG, runfiles.CONFIG):
         if (run / name).is_file():
             shutil.copy2(run / name, kept / name)
     return 0

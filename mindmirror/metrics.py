@@ -1,4 +1,5 @@
-"""Task metrics: a safe arithmetic evaluator for SVAMP equations and text exact match.
+"""Task metrics: a safe arithmetic evaluator for SVAMP equations, text exact match, and whether an answer
+is correct (the one rule the trainer's evaluation and the teacher's data card share).
 
 Model output is untrusted text, so equations are never handed to Python's own
 evaluator: they are parsed with ``ast.parse`` and only a tiny arithmetic subset of
@@ -19,6 +20,8 @@ __all__ = [
     "extract_equation",
     "equation_value_equal",
     "exact_match",
+    "family_metric",
+    "is_correct",
     "MAX_EXPRESSION_LENGTH",
     "MAX_DEPTH",
     "MAX_NODES",
@@ -159,3 +162,15 @@ def exact_match(pred: str, gold: str) -> bool:
     whitespace and runs of internal whitespace."""
     return normalize_text(pred) == normalize_text(gold)
 
+
+def family_metric(family: str) -> str:
+    """How a data set family's answers are compared: ``"equation"`` (SVAMP: by value) or ``"text"``."""
+    return "equation" if family == "svamp" else "text"
+
+
+def is_correct(answer: str | None, gold: str, kind: str) -> bool:
+    """Whether ``answer`` is right: by value for ``kind`` ``"equation"``, else as text (:func:`exact_match`).
+    No answer (``None``) is wrong."""
+    if answer is None:
+        return False
+    return equation_value_equal(answer, gold) if kind == "equation" else exact_match(answer, gold)

@@ -112,7 +112,7 @@ def run_stage(args, recipe: Recipe, i: int, seed: int) -> str | None:
         log.write("$ " + shlex.join(cmd) + "\n")
         log.flush()
         code = subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
-    if code == 0 and (out / runfiles.SUMMARY).is_file():
+    if code == 0 and runfiles.finished_summary(out) is not None:
         return None
     return failure_reason(code, log_tail(out / LAUNCH_LOG))[1]
 
@@ -200,7 +200,7 @@ def main(argv=None) -> int:
             t0 = time.time()
             print(f"[{n}/{total}] {recipe.name} s{seed} stage {i + 1} ({stage.model_type}, {stage.branches} "
                   f"branch(es)) ...", end=" ", flush=True)
-            if (run_dir(args, recipe, seed) / f"stage{i + 1}" / runfiles.SUMMARY).is_file():
+            if runfiles.finished_summary(run_dir(args, recipe, seed) / f"stage{i + 1}") is not None:
                 print("already done", flush=True)
                 continue
             reason = run_stage(args, recipe, i, seed)

@@ -34,9 +34,9 @@ def collect(roots: list[Path]) -> list[dict]:
     summaries = {}
     for path in found:
         try:
-            summaries[path.parent] = json.loads(path.read_text())
-        except (OSError, ValueError) as e:
-            print(f"mindmirror-report: skipping {path}: {e}", file=sys.stderr)
+            summaries[path.parent] = runfiles.read_summary(path.parent)
+        except runfiles.SummaryError as e:
+            print(f"mindmirror-report: skipping {e}", file=sys.stderr)
     fed = {Path(s["init_from"]).parent for s in summaries.values() if s.get("init_from")}
     runs = []
     for folder, s in summaries.items():
@@ -103,15 +103,12 @@ def cell(row: dict, key: str, fmt: str = "{:.3f}") -> str:
 def markdown(rows: list[dict]) -> str:
     """The results table."""
     header = ["recipe", "model", "dataset", "seeds", *(label for _, label in METRICS), "steps", "wall time (s)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in rows:
-        lines.append("| " + " | ".join([r["title"], r["model"], r["dataset"], str(r["seeds"]),
-                                        cell(r, METRICS[0][0]), cell(r, METRICS[1][0]),
-                                        cell(r, METRICS[2][0]) + ("" if r["judge_trained"] or
-                                                                  r[f"{METRICS[2][0]}_mean"] is None else " †"),
-                                        cell(r, "steps", "{:.0f}"),
-                                        cell(r, "wall_s", "{:.0f}")]) + " |")
-    if any(not r["judge_trained"] and r[f"{METRICS[2][0]}_mean"] is not None for r in rows):
+    judged = METRICS[2][0]
+    table = [[r["title"], r["model"], r["dataset"], r["seeds"], cell(r, METRICS[0][0]), cell(r, METRICS[1][0]),
+              cell(r, judged) + ("" if r["judge_trained"] or r[f"{judged}_mean"] is None else " †"),
+              cell(r, "steps", "{:.0f}"), cell(r, "wall_s", "{:.0f}")] for r in rows]
+    lines = [runfiles.markdown_table(header, table)]
+    if any(not r["judge_trained"] and r[f"{judged}_mean"] is not None for r in rows):
         lines += ["", "† the judge never trained on verdicts (no self-evaluation stage): a control, not the method"]
     return "\n".join(lines) + "\n"
 

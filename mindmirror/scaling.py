@@ -89,35 +89,32 @@ def dry_run(points: list[Point], args) -> str:
              f"/ decoder {args.dec_len} tokens per task, both tasks" +
              (", gradient checkpointing" if args.gradient_checkpointing else "") +
              "; total = params + grads + optimizer + the larger of buffers + activations and what is alive "
-             "after the backward (GiB; mindmirror.estimate.memory_per_rank names every term)", "",
-             "| point | parameters | params | grads | optimizer | buffers | activations | after backward | total GiB "
-             "| on host GiB |" + (f" fits {gb:g} GB |" if gb else ""),
-             "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if gb else "")]
+             "after the backward (GiB; mindmirror.estimate.memory_per_rank names every term)", ""]
+    header = ["point", "parameters", "params", "grads", "optimizer", "buffers", "activations", "after backward",
+              "total GiB", "on host GiB"] + ([f"fits {gb:g} GB"] if gb else [])
+    rows = []
     for p in points:
         e = estimate_point(p, args)
         g = e.gib()
-        row = (f"| {p.name} | {parameters(p, args) / 1e6:.1f}M | "
-               f"{g['params']:.2f} | {g['grads']:.2f} | {g['optimizer']:.2f} | {g['buffers']:.2f} | "
-               f"{g['activations']:.2f} | {g['late']:.2f} | {g['total']:.2f} | {e.cpu_offloaded / 2 ** 30:.2f} |")
-        if gb:
-            row += f" {'yes' if estimate.plan_fits(e, gb * 1e9) else 'no'} |"
-        lines.append(row)
+        figures = [f"{g[k]:.2f}" for k in ("params", "grads", "optimizer", "buffers", "activations", "late", "total")]
+        fits = ["yes" if estimate.plan_fits(e, gb * 1e9) else "no"] if gb else []
+        rows.append([p.name, f"{parameters(p, args) / 1e6:.1f}M", *figures, f"{e.cpu_offloaded / 2 ** 30:.2f}", *fits])
+    lines.append(runfiles.markdown_table(header, rows))
     if gb:
+        fewest = [[size, *(fewest_gpus(size, z, gb, args) for z in ZERO_VARIANTS)] for size in args.sizes]
         lines += ["", f"fewest GPUs of {gb:g} GB per size and ZeRO stage ({args.precision[0]}, micro-batch "
                       f"{args.micro_batch[0]}):", "",
-                      "| model | " + " | ".join(f"ZeRO-{z}" for z in ZERO_VARIANTS) + " |",
-                  "|---|" + "---|" * len(ZERO_VARIANTS)]
-        for size in args.sizes:
-            config = model_config(size, args.vocab_size)
-            cells = []
-            for z in ZERO_VARIANTS:
-                n = estimate.smallest_world_size(config, int(z[0]), z.endswith("offload"), args.precision[0],
-                                                 int(gb * 1e9), micro_batch=args.micro_batch[0],
-                                                 enc_len=args.enc_len, dec_len=args.dec_len,
-                                                 gradient_checkpointing=args.gradient_checkpointing)
-                cells.append("does not fit" if n is None else str(n))
-            lines.append(f"| {size} | " + " | ".join(cells) + " |")
+                  runfiles.markdown_table(["model", *(f"ZeRO-{z}" for z in ZERO_VARIANTS)], fewest)]
     return "\n".join(lines)
+
+
+def fewest_gpus(size: str, z: str, gb: float, args) -> str:
+    """The fewest GPUs of ``gb`` GB that fit ``size`` with ZeRO variant ``z`` (the dry run's second table)."""
+    n = estimate.smallest_world_size(model_config(size, args.vocab_size), int(z[0]), z.endswith("offload"),
+                                     args.precision[0], int(gb * 1e9), micro_batch=args.micro_batch[0],
+                                     enc_len=args.enc_len, dec_len=args.dec_len,
+                                     gradient_checkpointing=args.gradient_checkpointing)
+    return "does not fit" if n is None else str(n)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,9 +153,8 @@ def command(p: Point, args, out: Path) -> tuple[list[str], dict]:
 def batch_problem(out: Path, p: Point) -> str | None:
     """Why a finished run did not measure its point: the trainer lowers a micro-batch that the training data
     cannot fill (so small data sets train), which would record another point under this one's name."""
-    try:
-        summary = json.loads((out / "run" / runfiles.SUMMARY).read_text())
-    except (OSError, ValueError):
+    summary = runfiles.finished_summary(out / "run")
+    if summary is None:
         return None  # measure() reports an unreadable summary
     used = summary.get("batch_size", p.micro_batch)
     if used == p.micro_batch:
@@ -177,7 +173,7 @@ def measure(out: Path, p: Point, warmup: int) -> dict:
     total = sum(step_times)
     tokens = sum(r["tokens_per_s"] * t for r, t in zip(timed, step_times))
     flops = sum(r["model_flops_per_s"] * t for r, t in zip(timed, step_times))
-    summary = json.loads((out / "run" / runfiles.SUMMARY).read_text())
+    summary = runfiles.read_summary(out / "run")
     mfu = [r["mfu"] for r in timed if "mfu" in r]
     return {"step_s": statistics.median(step_times), "tokens_per_s": tokens / total,
             "samples_per_s": global_batch * len(timed) / total, "model_tflops_per_s": flops / total / 1e12,
@@ -255,17 +251,15 @@ def write_outputs(results: list[dict], root: Path) -> None:
         writer.writerows(results)
     header = ["model", "params", "ZeRO", "prec", "micro-batch", "ranks", "status", "step s", "tokens/s", "samples/s",
               "TFLOP/s", "MFU", "peak MB/rank", "of it before the model", "estimate MB/rank"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for r in results:
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('reason', '')}"
         mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
-        lines.append("| " + " | ".join([r["model"], f"{r['parameters'] / 1e6:.1f}M", r["zero"], r["precision"],
-                                        str(r["micro_batch"]), str(r["world_size"]), status.replace("|", "/"),
-                                        fmt(r.get("step_s")), fmt(r.get("tokens_per_s"), 0),
-                                        fmt(r.get("samples_per_s")), fmt(r.get("model_tflops_per_s"), 4), mfu,
-                                        fmt(r.get("peak_mem_mb"), 0), fmt(r.get("mem_before_model_mb"), 0),
-                                        fmt(r.get("est_mem_mb"), 0)]) + " |")
-    (root / "results.md").write_text("\n".join(lines) + "\n")
+        rows.append([r["model"], f"{r['parameters'] / 1e6:.1f}M", r["zero"], r["precision"], r["micro_batch"],
+                     r["world_size"], status.replace("|", "/"), fmt(r.get("step_s")), fmt(r.get("tokens_per_s"), 0),
+                     fmt(r.get("samples_per_s")), fmt(r.get("model_tflops_per_s"), 4), mfu,
+                     fmt(r.get("peak_mem_mb"), 0), fmt(r.get("mem_before_model_mb"), 0), fmt(r.get("est_mem_mb"), 0)])
+    (root / "results.md").write_text(runfiles.markdown_table(header, rows) + "\n")
     plot(results, root)
 
 

@@ -185,6 +185,19 @@ def test_evaluation_rationale_drops_verdict_line_despite_trailing_newline():
 # Readers
 
 
+@pytest.mark.parametrize("verdicts, value", [
+    (["correct"] * 5, 100.0),  # the real files' values of five self-evaluations
+    (["correct"] * 4 + ["uncertain"], 81.0),
+    (["correct"] * 4 + ["wrong"], 80.001),
+    (["correct", "wrong", "correct", "wrong", "uncertain"], 41.002),
+    (["wrong"] * 3, 0.003),
+    ([], 0),
+])
+def test_cot_value(verdicts, value):
+    assert formats.cot_value(verdicts) == value
+    assert set(formats.VERDICT_VALUE) == set(formats.VERDICTS)
+
+
 def test_read_jsonl_broken_line_names_record_and_line(tmp_path):
     path = tmp_path / "x.json"
     path.write_text('{"input": "a", "label": "1"}\n\n{"input": "b", "label": "2"}\n{"input": "c", "lab\n')

@@ -198,6 +198,25 @@ def test_score():
     assert score(["4"], ["( 2 + 2 )"], "text")[0] == 0.0  # text compares the strings, not their values
 
 
+@pytest.mark.parametrize("answer, gold, kind, right", [
+    ("(84 / 2)", "( 84.0 / 2.0 )", "equation", True),  # by value
+    ("( 2 + 2 ) = 4", "4", "equation", True),  # the part before "=" counts
+    ("x", "1", "equation", False),  # not an equation: wrong, no error
+    ("4", "( 2 + 2 )", "text", False),  # text compares the strings
+    (" Yes ", "yes", "text", True),
+    ("river  bank", "river bank", "text", True),
+    (None, "4", "equation", False),  # no answer (no usable CoT, nothing to vote on)
+    (None, "yes", "text", False),
+])
+def test_is_correct(answer, gold, kind, right):
+    assert metrics.is_correct(answer, gold, kind) is right
+
+
+@pytest.mark.parametrize("family, kind", [("svamp", "equation"), ("cqa", "text"), ("anli1", "text")])
+def test_family_metric(family, kind):
+    assert metrics.family_metric(family) == kind
+
+
 def test_module_never_calls_builtin_evaluators():
     source = Path(metrics.__file__).read_text(encoding="utf-8")
     assert not re.search(r"(^|[^_.a-zA-Z])(eval|exec)\(", source, re.MULTILINE)

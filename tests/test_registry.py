@@ -786,15 +786,3 @@ def test_tree2_question_with_fewer_cots_than_branches_trains_on_what_it_has(data
     for q in train_qs:
         rows = [r for r in out["train"] if r.input in q.cots]
         assert len(rows) in (0, 5 * len(q.cots))  # 0: carved out for validation
-
-
-def test_row_rules_are_part_of_the_cache_key(monkeypatch):
-    """Tables built under other row rules are never reused."""
-    from mindmirror.config import TrainConfig
-    from mindmirror.data import loader
-    from mindmirror.model import load_tokenizer
-
-    cfg, tok = TrainConfig(), load_tokenizer("", "tiny", random_init=False)
-    key = loader.build_key(cfg, tok)
-    monkeypatch.setattr(loader, "ROW_RULES", loader.ROW_RULES + 1)
-    assert loader.build_key(cfg, tok) != key

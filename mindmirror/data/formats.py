@@ -28,7 +28,9 @@ import numpy as np
 FAMILIES = ("svamp", "cqa", "anli1")
 ANLI_LABELS = ("entailment", "neutral", "contradiction")
 VERDICTS = ("uncertain", "wrong", "correct")  # checked in this order, as the original code does
-
+# The tree-of-thought evaluator's value of a verdict; a CoT's value sums its self-evaluations' verdicts
+# (five of them give the real files' 100.0 / 80.001 / 22.002).
+VERDICT_VALUE = {"correct": 20.0, "uncertain": 1.0, "wrong": 0.001}
 
 # Why a record's teacher text is unusable. Teacher LLM output is always messy, so records with these
 # problems are skipped (counted and listed) by default; any other problem is structural and stops the run.
@@ -306,3 +308,8 @@ def evaluation_verdict(evaluation: str) -> tuple[str, str] | None:
         if pattern.search(evaluation):
             return "\n".join(evaluation.rstrip().split("\n")[:-1]).strip(), verdict
     return None
+
+
+def cot_value(verdicts) -> float:
+    """A CoT's tree-of-thought value (``values`` in the teacher files): its verdicts' values, summed."""
+    return round(sum(VERDICT_VALUE[v] for v in verdicts), 3)

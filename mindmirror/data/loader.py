@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mindmirror.atomic import write_atomic
 from mindmirror.data.registry import BUNDLED_DATA_DIR, DATASETS, ROW_RULES, BuildReport, build_task_rows
 from mindmirror.data.tokenize import default_cache_dir, tokenize_rows, tokenizer_fingerprint
 
@@ -85,9 +86,7 @@ def _build(cfg, tokenizer, splits, cache_dir: Path, manifest_path: Path, known: 
               for split in splits}
     files = known | {s: [f["filename"] for f in t.cache_files] for s, t in tables.items()}
     manifest = {"report": report.to_dict(), "files": files}
-    tmp = manifest_path.with_name(f"{manifest_path.name}.tmp-{uuid.uuid4().hex}")  # pids repeat across nodes
-    tmp.write_text(json.dumps(manifest))
-    os.replace(tmp, manifest_path)  # atomic: a reader never sees half a manifest
+    write_atomic(manifest_path, json.dumps(manifest))  # a reader never sees half a manifest
     return tables, report
 
 

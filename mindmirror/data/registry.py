@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mindmirror import metrics
 from mindmirror.data import formats
 from mindmirror.data.formats import NO_ANSWER, NO_EVALUATIONS, NO_VERDICT, TOO_FEW_COTS, DataError
 
@@ -53,7 +54,7 @@ class DatasetSpec:
 
     @property
     def metric(self) -> str:
-        return "equation" if self.family == "svamp" else "text"
+        return metrics.family_metric(self.family)
 
     def gt_path(self, data_dir: Path, split: str) -> Path:
         if self.name == "svamp":

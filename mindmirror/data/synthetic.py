@@ -44,6 +44,8 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Union
 
+from mindmirror.data.formats import VERDICT_VALUE, cot_value
+
 __all__ = [
     "Problem",
     "generate",
@@ -56,14 +58,12 @@ __all__ = [
     "DATASET_NAMES",
     "NUM_COTS",
     "NUM_EVALS",
-    "VERDICT_VALUE",
+    "VERDICT_VALUE",  # data.formats' own, which the values use
 ]
 
 NUM_COTS = 5
 NUM_EVALS = 5
 DATASET_NAMES = ("svamp_tree1", "svamp_tree2")
-# Value map of the tree-of-thought evaluator (reproduces the real files' 100.0 / 80.001 / 22.002).
-VERDICT_VALUE = {"correct": 20.0, "uncertain": 1.0, "wrong": 0.001}
 
 # How many of the 5 CoTs of a question are wrong (mean 0.85 -> 17% wrong CoTs).
 _WRONG_COUNT_WEIGHTS = ((0, 0.40), (1, 0.35), (2, 0.25))
@@ -710,7 +710,7 @@ class Problem:
 
     @property
     def values(self) -> list[float]:
-        return [round(sum(VERDICT_VALUE[v] for v in vs), 3) for vs in self.verdicts]
+        return [cot_value(vs) for vs in self.verdicts]
 
     @property
     def best_cot(self) -> str:

@@ -22,13 +22,12 @@ A split in which no question has a usable CoT is not written at all.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
+from mindmirror.atomic import write_atomic
 from mindmirror.data import formats, registry
 from mindmirror.data.formats import DataError
-from mindmirror.data.synthetic import VERDICT_VALUE
 from mindmirror.teacher import report
 from mindmirror.teacher.generate import Question
 
@@ -90,22 +89,6 @@ def part_path(out: Path, family: str, split: str, shard: tuple[int, int]) -> Pat
     return work_dir(out, family) / f"{split}.part-{shard[0]}-of-{shard[1]}.json"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` so that readers see the old file or the new one, never a part."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 def write_part(out: Path, family: str, split: str, shard: tuple[int, int], total: int, settings: dict,
                rows: list[dict]) -> Path:
     """Save one shard's rows of a split."""
@@ -149,7 +132,7 @@ def verdict_values(evaluations: list[list[str]]) -> list[float]:
     values = []
     for evals in evaluations:
         verdicts = [parsed[1] for parsed in map(formats.evaluation_verdict, evals) if parsed is not None]
-        values.append(round(sum(VERDICT_VALUE[v] for v in verdicts), 3))
+        values.append(formats.cot_value(verdicts))
     return values
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from mindmirror import metrics
 from mindmirror.data import formats
+from mindmirror.runfiles import markdown_table
 from mindmirror.selfeval import vote
 
 MAX_LISTED_FAILURES = 10
@@ -22,14 +23,6 @@ MAX_LISTED_FAILURES = 10
 
 def _share(part: int, whole: int) -> float | None:
     return round(part / whole, 4) if whole else None
-
-
-def _correct(answer: str | None, gold: str, family: str) -> bool:
-    if answer is None:
-        return False
-    if family == "svamp":
-        return metrics.equation_value_equal(answer, gold)
-    return metrics.exact_match(answer, gold)
 
 
 def failure(row: dict) -> str | None:
@@ -48,19 +41,19 @@ def incomplete(rows: list[dict], n: int, m: int) -> dict:
 
 def split_report(rows: list[dict], records: list[dict], family: str, settings: dict) -> dict:
     """The card of one split from its rows (see ``layout``) and the teacher records written from them."""
-    kind = "equation" if family == "svamp" else "text"
+    kind = metrics.family_metric(family)
     answered = [(row, rec) for row, rec in zip(rows, records) if not row["error"]]
     cots = right_cots = first_right = vote_right = selected_right = 0
     verdicts = {v: 0 for v in (*formats.VERDICTS, "none")}  # none: 0, evaluations without one are left out
     confusion = {side: {v: 0 for v in formats.VERDICTS} for side in ("right_cot", "wrong_cot")}
     for row, rec in answered:
-        right = [_correct(formats.tree_cot_answer(cot, family), row["label"], family) for cot in row["cots"]]
+        right = [metrics.is_correct(formats.tree_cot_answer(cot, family), row["label"], kind) for cot in row["cots"]]
         cots += len(right)
         right_cots += sum(right)
         if right:
             first_right += right[0]
-            vote_right += _correct(vote([formats.tree_cot_answer(c, family) for c in row["cots"]], kind),
-                                   row["label"], family)
+            vote_right += metrics.is_correct(vote([formats.tree_cot_answer(c, family) for c in row["cots"]], kind),
+                                             row["label"], kind)
             selected = rec["steps"][0]["select_new_ys"][0]
             selected_right += right[row["cots"].index(selected)]
         for is_right, evaluations in zip(right, row["evaluations"]):
@@ -118,11 +111,11 @@ def markdown(report: dict) -> str:
              "written: those cut at max_tokens or without the answer or verdict the parsers need were drawn again "
              "(up to --max_redraws) and are counted here as left out. Accuracy compares the teacher's answers with "
              "the ground truth (a question without a usable CoT counts as wrong). Agreement is the share of "
-             "`correct`/`wrong` verdicts that match the judged CoT's correctness.", "",
-             "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+             "`correct`/`wrong` verdicts that match the judged CoT's correctness.", ""]
+    table = []
 
     def row(label, fn):
-        lines.append(f"| {label} | " + " | ".join(fn(splits[s]) for s in names) + " |")
+        table.append([label, *(fn(splits[s]) for s in names)])
 
     row("questions (failed, fewer CoTs than asked)",
         lambda s: f"{s['questions']} ({s['failed_questions']}, {s['short_questions']})")
@@ -143,12 +136,12 @@ def markdown(report: dict) -> str:
     row("prompt / completion tokens",
         lambda s: f"{s['usage']['prompt_tokens']:,} / {s['usage']['completion_tokens']:,}")
     row("cost", lambda s: f"${s['usage']['cost']:.4f}")
+    lines.append(markdown_table(["", *names], table))
     settings = [splits[s]["settings"] for s in names]
     groups = [("all splits", settings[0])] if all(s == settings[0] for s in settings) else \
         [(name, s) for name, s in zip(names, settings)]
     for title, values in groups:
-        lines += ["", f"## Settings ({title})", "", "| setting | value |", "|---|---|"]
-        lines += [f"| {key} | {value} |" for key, value in values.items()]
+        lines += ["", f"## Settings ({title})", "", markdown_table(["setting", "value"], values.items())]
     for name in names:
         failed = splits[name]["failed"]
         if failed:
