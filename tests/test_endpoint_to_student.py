@@ -1,7 +1,8 @@
 """The user's whole path, endpoint to evaluated student, as a user starts it: ``mindmirror-teacher run``
 against a chat-completions server on 127.0.0.1 that rate-limits, fails, cuts replies at the token limit
 and hangs; stage 1 (``task_prefix_tree2``, 5 branches) on the generated self-evaluations; stage 2 on the
-generated CoTs with ``--num_train_branches 1 --continue_train``; then ``mindmirror-eval`` of the result.
+generated CoTs with ``--num_train_branches 1 --continue_train``; then ``mindmirror-eval`` of the result; and
+(svamp) the same data through ``mindmirror-recipes --data_dir`` and ``mindmirror-report``.
 
 The server eventually answers every prompt, so no question may be lost anywhere on the way, and no CoT
 may be judged (a paid value call) while it is cut.
@@ -17,6 +18,7 @@ import pytest
 
 from chat_server import ChatServer
 from conftest import run_train
+from mindmirror import recipes, report
 from mindmirror.data import formats
 from mindmirror.eval_cli import main as evaluate
 from mindmirror.teacher import cli as teacher
@@ -91,9 +93,9 @@ def test_from_an_endpoint_to_an_evaluated_student(family, tmp_path, monkeypatch,
     assert judged and not cut & set(judged)  # no value call was paid for a cut CoT
 
     card = json.loads((out / f"{family}_tree1" / "teacher_report.json").read_text())
-    for split, report in card["splits"].items():
-        assert report["failed_questions"] == 0 and report["unparsable_cots"] == 0, (split, report)
-        assert report["cots"] == N * report["questions"] and report["verdicts"]["none"] == 0
+    for split, section in card["splits"].items():
+        assert section["failed_questions"] == 0 and section["unparsable_cots"] == 0, (split, section)
+        assert section["cots"] == N * section["questions"] and section["verdicts"]["none"] == 0
     for records in (json.loads(p.read_text()) for p in (out / f"{family}_tree1" / "llm").glob("*_CoT_*.json")):
         for record in records:
             step = record["steps"][0]
@@ -128,3 +130,19 @@ def test_from_an_endpoint_to_an_evaluated_student(family, tmp_path, monkeypatch,
     assert json.loads((tmp_path / "stage2" / "eval_best_test.json").read_text()) == result
     assert result["rows"] == 12 and result["accuracy"] == summary2["test_accuracy"]
     assert {"majority_vote_accuracy", "self_eval_vote_accuracy"} <= result.keys()
+
+    if family != "svamp":
+        return
+    # The same data through the one command that runs the paper's recipes and makes the table.
+    monkeypatch.setenv("MINDMIRROR_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MINDMIRROR_NUM_THREADS", "1")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    assert recipes.main(["--dataset", family, "--data_dir", str(out), "--recipes", "cot1_se", "--model", "tiny",
+                         "--epoch_scale", "0.001", "--se_epoch_scale", "0.0001", "--self_eval_samples", "2",
+                         "--output_dir", "study", "--", *SMALL[2:]]) == 0
+    stage2 = tmp_path / "study" / family / "tiny" / "cot1_se" / "s0" / "stage2"
+    config = json.loads((stage2 / "config.json").read_text())
+    assert Path(config["data_dir"]).resolve() == out.resolve() and config["dataset"] == f"{family}_tree1"
+    assert json.loads((stage2 / "summary.json").read_text())["skipped_records"]["total"] == 0
+    assert report.main(["study", "--output_dir", "table"]) == 0
+    assert "| 1 CoT + SE | tiny | svamp_tree1 | 1 |" in (tmp_path / "table" / "results.md").read_text()
