@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -75,6 +76,7 @@ def test_from_an_endpoint_to_an_evaluated_student(family, tmp_path, monkeypatch,
     questions = svamp_source(src) if family == "svamp" else cqa_source(src)
     server = ChatServer(questions, family)
     server.plan = faults
+    start = time.monotonic()
     try:
         code = teacher.main(["run", "--dataset", family, "--data_dir", str(src), "--output_dir", str(out),
                              "--model", "teacher-7b", "--base_url", server.url, "--n_generate_sample", str(N),
@@ -86,7 +88,8 @@ def test_from_an_endpoint_to_an_evaluated_student(family, tmp_path, monkeypatch,
     assert code == 0, printed
     log = server.log
     actions = collections.Counter(e["action"] for e in log)
-    print(f"{family}: {len(log)} requests at the server, faults {dict(actions - collections.Counter(ok=len(log)))}")
+    print(f"{family}: the teacher took {time.monotonic() - start:.1f} s, {len(log)} requests at the server, faults "
+          f"{dict(actions - collections.Counter(ok=len(log)))}")
     assert server.cut_texts and actions["long"] and actions["hang"] and actions["429"] and actions["500"]
     cut = {text.strip() for text in server.cut_texts}
     judged = [e["judged"].strip() for e in log if e["kind"] == "value"]
