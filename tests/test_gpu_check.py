@@ -25,7 +25,7 @@ def test_cpu_mode_runs_every_layout_prints_rows_and_passes(tmp_path):
     env = dict(os.environ, GPU_CHECK_CPU="1", OUT=str(results), SCRATCH_DIR=str(scratch), OMP_NUM_THREADS="1",
                PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     env.pop("ACCELERATE_USE_CPU", None)
-    proc = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(["bash", str(SCRIPT)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1300)
     out = proc.stdout
     assert proc.returncode == 0, f"exit {proc.returncode}\n{out[-6000:]}\n{proc.stderr[-6000:]}"
 
