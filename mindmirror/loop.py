@@ -531,9 +531,10 @@ class Trainer:
         time.sleep(float(os.environ.get(FAULT_SLOW_SAVE_S, "0")))
         self.save()
         # The save time tells a user whether MINDMIRROR_SHUTDOWN_TIMEOUT (launch/multinode.sh) leaves enough room.
-        log.warning(f"stop requested by a signal{' ' + where if where else ''}: saved step {self.state.step} in "
+        # One shape whatever the moment (log readers and the Slurm test match its start); where it came last.
+        log.warning(f"stop requested by a signal: saved step {self.state.step} in "
                     f"{self.run.out / runfiles.CHECKPOINTS} in {time.time() - t_save:.0f} s; exiting with code "
-                    f"{EXIT_PREEMPTED} (rerun with --resume to continue)")
+                    f"{EXIT_PREEMPTED} (rerun with --resume to continue){'; it came ' + where if where else ''}")
         shut_down(self.accelerator)
         raise Preempted(f"preempted at step {self.state.step}")
 

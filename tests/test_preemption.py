@@ -204,7 +204,8 @@ def test_two_processes_stop_between_evaluation_batches_on_a_signal_to_one_rank(r
     ranks[1].send_signal(signal.SIGTERM)  # one rank only: the ranks agree to stop
     assert node.wait(timeout=300) == EXIT_PREEMPTED, (tmp_path / "node0.txt").read_text()[-4000:]
     log = (tmp_path / "node0.txt").read_text(errors="replace")
-    stopped = [line for line in log_lines(out, "stop requested by a signal during the evaluation of step 4")]
+    stopped = [line for line in log_lines(out, "stop requested by a signal: saved step 4 ")
+               if "it came during the evaluation of step 4 " in line]
     assert len(stopped) == 2, log[-4000:]  # both ranks, in the middle of the evaluation
     for line in stopped:
         done = int(line.split("stopped after batch ")[1].split(" of 3")[0])
