@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import time
 from pathlib import Path
+
+import torch
 
 from mindmirror import elastic
 from mindmirror.model import save_tokenizer
@@ -231,25 +234,89 @@ def export_model(accelerator, model, tokenizer, folder: Path, extra: dict | None
     """Write a Hugging Face ``save_pretrained`` export (consolidated from ZeRO-3 shards) with the tokenizer.
 
     Only the main process copies the weights to host memory: without ZeRO-3 every rank holds the whole
-    module, so the main process reads its own; under ZeRO-3 gathering the shards is a collective that
-    every rank joins (DeepSpeed keeps the result on the main process only)."""
+    module, so the main process reads its own; under ZeRO-3 the shards are gathered a module at a time (a
+    collective that every rank joins) and streamed into ``model.safetensors`` (:func:`write_gathered`), so
+    no rank ever holds the whole model."""
     plugin = accelerator.state.deepspeed_plugin
     zero3 = plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
-    state_dict = accelerator.get_state_dict(model) if zero3 or accelerator.is_main_process else None
+    t5 = accelerator.unwrap_model(model).t5
+    tied = set(getattr(t5, "all_tied_weights_keys", {}))  # copies of `shared`, restored on load
+    tmp = folder.with_name(f".tmp-{folder.name}")
     if accelerator.is_main_process:
-        tmp = folder.with_name(f".tmp-{folder.name}")
         shutil.rmtree(tmp, ignore_errors=True)
-        t5 = accelerator.unwrap_model(model).t5
-        t5_state = {k.removeprefix("t5."): v for k, v in state_dict.items()}
-        for tied in getattr(t5, "all_tied_weights_keys", {}):  # copies of `shared`, restored on load
-            t5_state.pop(tied, None)
-        t5.save_pretrained(tmp, state_dict=t5_state, safe_serialization=True)
+        tmp.mkdir(parents=True)
+    if zero3:
+        write_gathered(t5, tmp / "model.safetensors" if accelerator.is_main_process else None, tied)
+    if accelerator.is_main_process:
+        if zero3:  # the config and generation config (the weights are written)
+            t5.save_pretrained(tmp, state_dict={}, safe_serialization=True)
+        else:
+            t5_state = {k.removeprefix("t5."): v for k, v in accelerator.get_state_dict(model).items()}
+            for key in tied:
+                t5_state.pop(key, None)
+            t5.save_pretrained(tmp, state_dict=t5_state, safe_serialization=True)
         say_what_is_tied(tmp / "config.json", t5)
         save_tokenizer(tokenizer, tmp)
         if extra:
             (tmp / EXPORT_INFO).write_text(json.dumps(extra, indent=2))
         replace_folder(tmp, folder)
     accelerator.wait_for_everyone()
+
+
+SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
+                      "int32": "I32", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
+
+
+def write_gathered(module, path: Path | None, skip: set[str] = frozenset()) -> None:
+    """Write a ZeRO-3-partitioned ``module``'s weights (parameters, each shared one under its first name, and
+    persistent buffers; names in ``skip`` left out) into one safetensors file at ``path``, given on the main
+    process only, the same file ``save_pretrained`` writes from a consolidated state dict.
+
+    Every rank calls it (each gather is a collective; every rank walks the same modules in the same order). The
+    header is known from the parameters' shapes before any gather, so the main process writes each module's
+    tensors as it gathers them: besides its shards, a rank holds one module's parameters whole at a time."""
+    import deepspeed
+
+    entries, seen = [], set()  # (name, module, attribute, is a parameter) in file order
+    for prefix, sub in module.named_modules():
+        for attr, p in sub.named_parameters(recurse=False):
+            name = f"{prefix}.{attr}" if prefix else attr
+            if id(p) not in seen and name not in skip:
+                seen.add(id(p))
+                entries.append((name, sub, attr, True))
+        for attr, b in sub.named_buffers(recurse=False):
+            name = f"{prefix}.{attr}" if prefix else attr
+            if b is not None and attr not in sub._non_persistent_buffers_set and name not in skip:
+                entries.append((name, sub, attr, False))
+    f = None
+    if path is not None:
+        header, offset = {}, 0
+        for name, sub, attr, is_param in entries:
+            t = getattr(sub, attr)
+            shape = list(getattr(t, "ds_shape", t.shape))
+            size = math.prod(shape) * t.element_size()
+            header[name] = {"dtype": SAFETENSORS_DTYPES[str(t.dtype).removeprefix("torch.")], "shape": shape,
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+        header["__metadata__"] = {"format": "pt"}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
+        f = open(path, "wb")
+        f.write(len(raw).to_bytes(8, "little") + raw)
+    try:
+        by_module: dict[int, list] = {}
+        for entry in entries:
+            by_module.setdefault(id(entry[1]), []).append(entry)
+        for group in by_module.values():
+            params = [getattr(sub, attr) for _, sub, attr, is_param in group if is_param]
+            with deepspeed.zero.GatheredParameters(params):  # read only: released again on exit
+                if f is not None:
+                    for _, sub, attr, _ in group:
+                        tensor = getattr(sub, attr).detach().cpu().contiguous()
+                        f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    finally:
+        if f is not None:
+            f.close()
 
 
 def say_what_is_tied(config_file: Path, t5) -> None:

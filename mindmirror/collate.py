@@ -4,8 +4,12 @@ Batching choice: each micro-batch holds its answer rows (``predict:``) and its r
 (``explain:``) as two tensors, padded separately and run as two passes inside one forward. Stacking
 both into one tensor of 2B rows pads the short answers (~17 tokens) to the rationale's length
 (~55): measured on 2 CPU cores with the tiny model, batch 64, one step took 0.58 s stacked and
-0.50 s as two passes, so two passes it is. Rows are grouped by length inside large
-shuffled windows, which cuts padding without giving up randomness between steps.
+0.50 s as two passes, so two passes it is, except under ZeRO-3 (``stacked``): there a module
+called twice in one forward is never released by DeepSpeed after its backward (each call resets
+its pending-gradient count), and autograd holds the second pass's whole gradient until the first
+pass's backward, so the whole model ends every backward gathered on every rank (docs/benchmarks.md,
+"ZeRO-3 memory per rank"). Rows are grouped by length inside large shuffled windows, which cuts
+padding without giving up randomness between steps.
 
 Step batches are built globally (the same rows for the same seed, epoch and global batch size),
 then dealt to ranks and accumulation micro-steps, so 8 rows x 1 step, 4 rows x 2 accumulation
@@ -66,16 +70,20 @@ def pad(seqs: list[list[int]], value: int, multiple: int = 1) -> torch.Tensor:
 
 class Collator:
     """Rows -> the answer task's ``input_ids, attention_mask, decoder_input_ids, labels, target_positions`` and,
-    with rationales, the same for the explain task under ``expl_`` names, plus ``token_counts``.
+    with rationales, the same for the explain task under ``expl_`` names, plus ``token_counts``. ``stacked``
+    (with rationales): both tasks' rows in one set of tensors instead, answers first (2B rows, padded to the
+    longer task), with ``target_positions`` and ``expl_target_positions`` the flat indices of each task's
+    targets in it, for one pass of the model (what ZeRO-3 needs; see the module's docstring).
 
     ``target_positions`` are the flat indices of the real (not padding) target tokens, found here on the host
     so that the objective selects them with an index, not a boolean mask (which makes the device wait for
     the host); ``token_counts`` are their numbers. With ``pin_memory`` (on GPU) the tensors are in pinned
     host memory, so their copies to the device can overlap the work already queued."""
 
-    def __init__(self, pad_id: int, with_rationale: bool, pad_to_multiple_of: int = 1, pin_memory: bool = False):
+    def __init__(self, pad_id: int, with_rationale: bool, pad_to_multiple_of: int = 1, pin_memory: bool = False,
+                 stacked: bool = False):
         self.pad_id, self.with_rationale, self.multiple = pad_id, with_rationale, pad_to_multiple_of
-        self.pin_memory = pin_memory
+        self.pin_memory, self.stacked = pin_memory, stacked and with_rationale
 
     def task_tensors(self, inputs: list[list[int]], targets: list[list[int]], prefix: str = "") -> dict:
         input_ids = pad(inputs, self.pad_id, self.multiple)
@@ -90,9 +98,16 @@ class Collator:
     def __call__(self, rows: list[dict] | dict[str, list]) -> dict[str, torch.Tensor]:
         """Tensors of a micro-batch given as rows, or as columns (what indexing a ``datasets`` table gives)."""
         cols = rows if isinstance(rows, dict) else {k: [r[k] for r in rows] for k in rows[0]}
-        batch = self.task_tensors(cols["input_ids"], cols["labels"])
-        if self.with_rationale:
-            batch |= self.task_tensors(cols["expl_input_ids"], cols["rationale_ids"], "expl_")
+        if self.stacked:
+            batch = self.task_tensors(list(cols["input_ids"]) + list(cols["expl_input_ids"]),
+                                      list(cols["labels"]) + list(cols["rationale_ids"]))
+            positions = batch["target_positions"]  # in row order: the answers' come first
+            answers = int(sum(len(t) for t in cols["labels"]))
+            batch["target_positions"], batch["expl_target_positions"] = positions[:answers], positions[answers:]
+        else:
+            batch = self.task_tensors(cols["input_ids"], cols["labels"])
+            if self.with_rationale:
+                batch |= self.task_tensors(cols["expl_input_ids"], cols["rationale_ids"], "expl_")
         batch["token_counts"] = torch.tensor([len(batch["target_positions"]),
                                               len(batch["expl_target_positions"]) if self.with_rationale else 0])
         return {k: v.pin_memory() for k, v in batch.items()} if self.pin_memory else batch

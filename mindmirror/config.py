@@ -85,6 +85,10 @@ class TrainConfig:
     valid_fraction: float = _arg(0.1, "Fraction of training questions carved out as the validation split.")
     max_eval_samples: int = _arg(0, "Evaluate on at most this many validation rows (0: all).")
     max_test_samples: int = _arg(0, "Test on at most this many test rows (0: all).")
+    eval_batch_size: int = _arg(0, "Rows generated at once per process at evaluation (validation and the test of "
+                                   "best/); 0: 4 x --batch_size. Generation keeps no activations for a backward "
+                                   "pass, so it fits larger batches than training; under ZeRO-3 each generated "
+                                   "token gathers the whole decoder once for the whole batch.")
     skip_bad_records: bool = _arg(False, "Skip and count every bad record, structural faults included, with no "
                                          "--max_bad_fraction limit.")
     strict_data: bool = _arg(False, "Stop at the first bad record, even a CoT or self-evaluation that cannot be "
@@ -143,6 +147,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum_steps", "max_input_length", "max_target_length", "gen_max_len"):
             if getattr(self, name) < 1:
                 bad(f"--{name} must be at least 1")
+        if self.eval_batch_size < 0:
+            bad(f"--eval_batch_size must be at least 1 (0: 4 x --batch_size), got {self.eval_batch_size}")
         if not 0.0 < self.subsample <= 1.0:
             bad(f"--subsample must be in (0, 1], got {self.subsample}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:

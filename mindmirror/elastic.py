@@ -35,8 +35,9 @@ Writing:
 - ZeRO-1/2: the module's parameters (every rank holds them whole), and this rank's slice of the fp32
   master weights and moments through ``deepspeed.utils.safe_set_full_fp32_param`` /
   ``safe_set_full_optimizer_state`` (the base optimizer's state is created first: it is lazy);
-- ZeRO-3: the same for masters and moments; the module's shards through
-  ``deepspeed.zero.GatheredParameters(..., modifier_rank=0)``.
+- ZeRO-3: each rank reads only its own slice of every parameter (:meth:`SavedState.span`), and sets its
+  masters and moments through ``safe_set_local_fp32_param`` / ``safe_set_local_optimizer_state`` and its
+  shard of the module directly: no gather, and no rank reads the others' slices.
 
 A layout is :class:`Layout`; ``trainer_state.json`` records the one that wrote a checkpoint. A
 checkpoint written before layouts were recorded is judged by its files (:func:`infer_layout`).
@@ -147,7 +148,9 @@ class SavedState:
     """The layout-free training state of one checkpoint folder, read one parameter at a time.
 
     ``names``: the trainable parameters it holds; ``step``: Adam's step count; ``keys``: the moments;
-    ``tensors(name)``: ``{"param": fp32 value, key: moment, ...}`` shaped as the parameter;
+    ``shapes[name]``: each parameter's shape; ``tensors(name)``: ``{"param": fp32 value, key: moment, ...}``
+    shaped as the parameter; ``span(name, start, length)``: the same for elements ``start`` to
+    ``start + length`` of the flattened parameter only, read from just the files and pages that hold them;
     ``scheduler_state``: DeepSpeed's own lr scheduler, when its JSON named one."""
 
     def __init__(self, folder: Path, optimizer_order: list[str]):
@@ -161,7 +164,11 @@ class SavedState:
             self._read_zero12()
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        return self._tensors(name)
+        shape = self.shapes[name]
+        return {kind: t.view(shape) for kind, t in self.span(name, 0, shape.numel()).items()}
+
+    def span(self, name: str, start: int, length: int) -> dict[str, torch.Tensor]:
+        return self._span(name, start, length)
 
     def _read_plain(self, order: list[str]) -> None:
         from safetensors import safe_open
@@ -177,16 +184,23 @@ class SavedState:
         states = {name: optimizer["state"].get(i, {}) for name, i in zip(order, indices)}
         self.step, self.keys = _step_and_keys(states.values())
         self.names = list(order)
-
-        def tensors(name):
-            value, state = weights.get_tensor(name).float(), states[name]
-            moments = {k: state[k].float() if k in state else torch.zeros_like(value) for k in self.keys}
-            if any(m.shape != value.shape for m in moments.values()):  # optimizer.bin numbers parameters
+        self.shapes = {name: torch.Size(weights.get_slice(name).get_shape()) for name in order}
+        for name in order:
+            if any(states[name][k].shape != self.shapes[name] for k in self.keys if k in states[name]):
                 raise ValueError(f"optimizer.bin's state of {name} has another shape than the weight: the "
                                  "optimizer's parameter order is not the one this version builds")
+
+        def span(name, start, length):
+            state = weights.get_slice(name)
+            shape = self.shapes[name]
+            row = math.prod(shape[1:]) if len(shape) > 1 else 1  # safetensors slices whole rows of the first dim
+            first, last = start // row, -(-(start + length) // row)
+            value = state[first:last].reshape(-1)[start - first * row:start - first * row + length].float()
+            moments = {k: states[name][k].reshape(-1)[start:start + length].float() if k in states[name]
+                       else torch.zeros(length) for k in self.keys}  # memory-mapped: only these pages are read
             return {"param": value, **moments}
 
-        self._tensors = tensors
+        self._span = span
 
     def _read_zero12(self) -> None:
         shards = [_load(p)["optimizer_state_dict"] for p in _optim_shards(self.folder)]
@@ -213,12 +227,13 @@ class SavedState:
             if math.ceil(offset / align) != math.ceil(sum(f.numel() for f in fp32) / align):
                 raise ValueError(f"parameter group {g} of the ZeRO shards does not match its param_shapes")
         self.names = list(spans)
+        self.shapes = {name: shape for name, (_, _, shape) in spans.items()}
 
-        def tensors(name):
-            pieces, start, shape = spans[name]
-            return {kind: _span(pieces[kind], start, shape.numel()).view(shape) for kind in ("param", *self.keys)}
+        def span(name, start, length):
+            pieces, offset, _ = spans[name]
+            return {kind: _span(pieces[kind], offset + start, length) for kind in ("param", *self.keys)}
 
-        self._tensors = tensors
+        self._span = span
 
     def _read_zero3(self) -> None:
         shards = [_load(p)["optimizer_state_dict"] for p in _optim_shards(self.folder)]
@@ -237,14 +252,20 @@ class SavedState:
                 spans[name] = (offset, torch.Size(shape))
                 offset += math.ceil(math.prod(shape) / world)
         self.names = list(spans)
+        self.shapes = {name: shape for name, (_, shape) in spans.items()}
 
-        def tensors(name):
-            start, shape = spans[name]
+        def span(name, start, length):
+            offset, shape = spans[name]
             piece = math.ceil(shape.numel() / world)
-            return {kind: torch.cat([_span(rank[kind], start, piece) for rank in rank_pieces])[:shape.numel()]
-                    .view(shape) for kind in ("param", *self.keys)}
+            ranks = range(start // piece, -(-(start + length) // piece)) if length else range(0)
+            out = {}
+            for kind in ("param", *self.keys):  # from the saved ranks whose pieces hold these elements only
+                parts = [_span(rank_pieces[r][kind], offset + max(start, r * piece) - r * piece,
+                               min(start + length, (r + 1) * piece) - max(start, r * piece)) for r in ranks]
+                out[kind] = torch.cat(parts) if parts else torch.empty(0)
+            return out
 
-        self._tensors = tensors
+        self._span = span
 
 
 def _targets(module, saved: SavedState) -> list[tuple[str, torch.nn.Parameter]]:
@@ -269,14 +290,18 @@ def _targets(module, saved: SavedState) -> list[tuple[str, torch.nn.Parameter]]:
     return targets
 
 
+def _check_shape(saved: SavedState, name: str, param) -> None:
+    """That the saved ``name`` fits ``param``."""
+    shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 leaves an empty placeholder in the module
+    if saved.shapes[name] != shape:
+        raise ValueError(f"{name}: the checkpoint holds shape {tuple(saved.shapes[name])}, the model "
+                         f"{tuple(shape)}: not the model that wrote it")
+
+
 def _checked(saved: SavedState, name: str, param) -> dict[str, torch.Tensor]:
     """The saved tensors of ``name``, after checking they fit ``param``."""
-    values = saved.tensors(name)
-    shape = getattr(param, "ds_shape", param.shape)  # ZeRO-3 leaves an empty placeholder in the module
-    if values["param"].shape != shape:
-        raise ValueError(f"{name}: the checkpoint holds shape {tuple(values['param'].shape)}, the model "
-                         f"{tuple(shape)}: not the model that wrote it")
-    return values
+    _check_shape(saved, name, param)
+    return saved.tensors(name)
 
 
 def _adam_step(base, group: dict, flat: torch.Tensor, step: int):
@@ -314,13 +339,19 @@ def _create_base_state(base, flats: list[torch.Tensor], groups: list[dict], save
                             **{key: torch.zeros_like(flat) for key in saved.keys}}
 
 
-def _write_zero(saved: SavedState, engine, stage: int, is_main: bool) -> None:
-    """Under ZeRO-1/2/3: this rank's slices of the fp32 masters and moments, and the module's parameters."""
-    import deepspeed
+def _write_zero(saved: SavedState, engine, stage: int) -> None:
+    """Under ZeRO-1/2/3: this rank's slices of the fp32 masters and moments, and the module's parameters.
+
+    ZeRO-3: each rank reads only its own slice of each parameter (elements ``rank x partition`` on, from the
+    saved files that hold them), sets its fp32 master and moments through DeepSpeed's local API and copies it
+    into its own shard of the module: no rank ever reads, or holds, more than its share plus one slice.
+    ZeRO-1/2: every rank holds the whole module anyway, so each parameter is read whole, one at a time."""
     from deepspeed.utils import (
         lazy_init_hp_params_optimizer_state,
         safe_set_full_fp32_param,
         safe_set_full_optimizer_state,
+        safe_set_local_fp32_param,
+        safe_set_local_optimizer_state,
     )
 
     zero = engine.optimizer
@@ -329,24 +360,32 @@ def _write_zero(saved: SavedState, engine, stage: int, is_main: bool) -> None:
         flats = zero.fp32_partitioned_groups_flat
         _create_base_state(base, flats, [base.param_groups[zero.sub_group_to_group_id[i]] for i in range(len(flats))],
                            saved)
-    else:
-        flats = zero.single_partition_of_fp32_groups
-        _create_base_state(base, flats, base.param_groups, saved)
-        if saved.keys:  # link each parameter to its slice of the state (DeepSpeed does so after a step)
-            for lp_group, flat in zip(zero.bit16_groups, flats):
-                lazy_init_hp_params_optimizer_state(lp_group, flat, base.state)
+        for name, param in _targets(engine.module, saved):
+            _check_shape(saved, name, param)
+            size = param.ds_tensor.ds_numel  # this rank's partition: elements [rank x size, (rank + 1) x size)
+            start = zero._get_param_partition_rank(param) * size
+            length = max(0, min(size, param.ds_numel - start))
+            for kind, value in saved.span(name, start, length).items():
+                if length < size:  # the last partition ends in padding
+                    value = torch.cat([value, value.new_zeros(size - length)])
+                if kind == "param":
+                    safe_set_local_fp32_param(param, value)  # this rank's slice of the fp32 master
+                    param.ds_tensor.data.copy_(value)  # and its shard of the module (bf16 under bf16)
+                else:
+                    safe_set_local_optimizer_state(param, value, kind)
+        return
+    flats = zero.single_partition_of_fp32_groups
+    _create_base_state(base, flats, base.param_groups, saved)
+    if saved.keys:  # link each parameter to its slice of the state (DeepSpeed does so after a step)
+        for lp_group, flat in zip(zero.bit16_groups, flats):
+            lazy_init_hp_params_optimizer_state(lp_group, flat, base.state)
     for name, param in _targets(engine.module, saved):
         values = _checked(saved, name, param)
         value = values.pop("param")
         safe_set_full_fp32_param(param, value)  # this rank's slice of the fp32 master
         for key, moment in values.items():
             safe_set_full_optimizer_state(param, moment, key)
-        if stage == 3:  # the module's own (possibly bf16) shard: rank 0's copy is partitioned to all
-            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                if is_main:
-                    param.data.copy_(value)
-        else:  # ZeRO-1/2: every rank holds the whole module
-            param.data.copy_(value)
+        param.data.copy_(value)  # every rank holds the whole module
 
 
 def _restore_schedule(folder: Path, saved: SavedState, scheduler, engine) -> None:
@@ -376,7 +415,8 @@ def load(folder: Path, saved_layout: Layout, layout: Layout, accelerator, model,
     """Load checkpoint ``folder``, written in ``saved_layout``, into the objects prepared in ``layout``.
 
     ``optimizer_order``: the trainable parameters' names in ``build_optimizer``'s group order (how a
-    plain ``optimizer.bin`` numbers them). Every rank reads the whole state and keeps its share."""
+    plain ``optimizer.bin`` numbers them). Under ZeRO-3 every rank reads its own share only; otherwise each
+    rank reads every parameter whole (one at a time) and keeps its share."""
     from accelerate.checkpointing import load_accelerator_state
 
     t0 = time.time()
@@ -385,7 +425,7 @@ def load(folder: Path, saved_layout: Layout, layout: Layout, accelerator, model,
         if not layout.deepspeed:
             _write_plain(saved, accelerator.unwrap_model(model), optimizer)
         elif layout.zero_stage in (1, 2, 3):
-            _write_zero(saved, model, layout.zero_stage, accelerator.is_main_process)
+            _write_zero(saved, model, layout.zero_stage)
         else:
             raise ValueError("elastic resume into DeepSpeed without ZeRO (stage 0) is not supported: use ZeRO "
                              "stage 1-3 or no DeepSpeed")

@@ -6,6 +6,13 @@ optimizer step: stop?, :meth:`Trainer.train_step` (this rank's micro-batches, on
 ``maybe_log``, ``maybe_evaluate`` (stop? before each batch), ``maybe_save``; at the end the ``final/``
 export, the test of the ``best/`` export, and ``summary.json``. The loop raises; the command line
 (:mod:`mindmirror.cli`) turns errors and a preemption into exit codes and sets up logging.
+
+A step never waits for the device (no device-to-host read) except at logging steps: the step's token counts
+come from the rows' lengths, known on every rank; the stop vote is a sum over a CPU (gloo) group, started at
+the end of a step and read at the start of the next; a non-finite step is skipped on the device (a fused
+AdamW's ``found_inf``, or DeepSpeed's own check) and the loop reads the steps' finiteness and gradient norms
+at the next log line. Only a non-fused optimizer (the CPU default, where the device is the host) needs the
+finiteness before its step. So the host collates the next step while the device works on this one.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import os
 import signal
 import time
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +108,8 @@ class Run:
     layout: elastic.Layout
     train_rows: object  # the training table's token columns, read a micro-batch at a time
     lengths: np.ndarray  # each training row's tokens, for length grouping
+    target_tokens: np.ndarray  # each training row's target tokens: (answer, rationale), for the step's global counts
+    input_tokens: np.ndarray  # each training row's input tokens (both tasks'), for tokens/s
     step_flops: object  # rows -> model FLOPs of a step (both tasks, forward + backward)
     collate: Collator
     alpha: float
@@ -140,8 +150,8 @@ def train(cfg: TrainConfig) -> dict:
         bar = tqdm(total=run.total_steps, initial=trainer.state.step, disable=not run.is_main, desc="training",
                    dynamic_ncols=True)
         for rows in trainer.step_rows():
-            micro, counts = trainer.collate_step(rows)
-            if trainer.agree(counts, stop=preemption.requested):  # counts summed over ranks, in place
+            micro, counts = trainer.collate_step(rows)  # while the device still runs the previous step
+            if trainer.stop_agreed():  # a signal reached some rank by the end of the last step (off the device)
                 bar.close()
                 trainer.save_and_stop()
             trainer.train_step(micro, counts, rows)
@@ -149,6 +159,7 @@ def train(cfg: TrainConfig) -> dict:
             trainer.maybe_log(bar)
             trainer.maybe_evaluate()
             trainer.maybe_save()
+            trainer.vote_on_stop()
         bar.close()
         return trainer.finish(t_start)
 
@@ -180,8 +191,9 @@ def setup(cfg: TrainConfig) -> Run:
     lengths = grouping_lengths(row_lengths)
     with_rationale = cfg.model_type != "standard"
     on_gpu = accelerator.device.type == "cuda"
+    # Under ZeRO-3 both tasks' rows go through the model in one pass (a module called twice stays gathered).
     collate = Collator(tokenizer.pad_token_id, with_rationale, cfg.pad_to_multiple_of or (8 if on_gpu else 1),
-                       pin_memory=on_gpu)
+                       pin_memory=on_gpu, stacked=runtime.zero_stage(runtime.deepspeed_config(accelerator)) == 3)
     cfg = fit_batch_to_data(cfg, len(lengths), world)
     global_batch = cfg.batch_size * cfg.grad_accum_steps * world
     steps_per_epoch = len(lengths) // global_batch
@@ -220,8 +232,13 @@ def setup(cfg: TrainConfig) -> Run:
         model, optimizer = accelerator.prepare(model, optimizer)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         accelerator.register_for_checkpointing(scheduler)
-    mem_built = peak_memory_mb()  # the model's and DeepSpeed's share, before any step (summary.json)
     stage = runtime.zero_stage(ds_config)
+    if stage == 3:
+        freed = runtime.share_fp32_masters(model)
+        if freed:
+            log.info(f"rank {accelerator.process_index}: ZeRO-3's fp32 master weights are the parameter partitions "
+                     f"({freed / 2**20:.0f} MiB not copied)")
+    mem_built = peak_memory_mb()  # the model's and DeepSpeed's share, before any step (summary.json)
     precision = str(runtime.ds_precision(ds_config) or accelerator.mixed_precision)
     t5_params = list(accelerator.unwrap_model(model).t5.parameters())
     if stage == 3:  # show that parameters really are partitioned: each rank holds a share
@@ -237,12 +254,20 @@ def setup(cfg: TrainConfig) -> Run:
         cfg=cfg, accelerator=accelerator, out=out, tokenizer=tokenizer, tables=tables, report=report, model=model,
         optimizer=optimizer, scheduler=scheduler, layout=elastic.Layout(world, stage, ds_config is not None, precision),
         train_rows=train_table.select_columns([c for c in TOKEN_COLUMNS if c in row_lengths]), lengths=lengths,
+        target_tokens=np.stack([row_lengths["labels"], row_lengths["rationale_ids"] if with_rationale
+                                else np.zeros_like(row_lengths["labels"])], axis=1),
+        input_tokens=row_lengths["input_ids"] + (row_lengths["expl_input_ids"] if with_rationale else 0),
         step_flops=flops_counter(accelerator.unwrap_model(model).t5.config, row_lengths),
         collate=collate, alpha=cfg.alpha if with_rationale else 1.0, global_batch=global_batch,
         steps_per_epoch=steps_per_epoch, total_steps=total_steps, precision=precision, parameters=parameters,
         metric_kind=evaluate.metric_kind(cfg.dataset, cfg.model_type), requested=requested,
         figures={"data_s": data_s, "mem_before_model": mem_before_model, "mem_built": mem_built,
                  "param_dtype": str(t5_params[0].dtype).removeprefix("torch.")})
+
+
+def eval_batch_size(cfg: TrainConfig) -> int:
+    """Rows generated at once per process at evaluation: ``--eval_batch_size``, or 4 x the micro-batch."""
+    return cfg.eval_batch_size or 4 * cfg.batch_size
 
 
 def fit_batch_to_data(cfg: TrainConfig, rows: int, world: int) -> TrainConfig:
@@ -272,20 +297,33 @@ def flops_counter(config, row_lengths: dict[str, np.ndarray]):
     return step_flops
 
 
+def hold_schedule(scheduler, steps: int) -> None:
+    """Set the loop's lr schedule back by ``steps`` steps that turned out skipped, as if it had not been stepped
+    for them (the lr of each group as ``LambdaLR`` computes it). DeepSpeed's own scheduler is its engine's."""
+    scheduler = getattr(scheduler, "scheduler", scheduler)  # under Accelerate's wrapper
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
+        return
+    scheduler.last_epoch -= steps
+    lrs = [base * factor(scheduler.last_epoch) for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs
+
+
 class LogWindow:
     """What is summed between two log lines: this rank's loss sums (on the device, read only at log time),
-    the steps' global token counts, tokens seen by all ranks, model FLOPs and steps."""
+    the steps' global target-token counts (host integers), tokens seen by all ranks, model FLOPs and steps."""
 
     def __init__(self, device):
         self.device = device
         self.reset()
 
     def reset(self) -> None:
-        self.sums, self.counts = torch.zeros(2, device=self.device), torch.zeros(2)
+        self.sums, self.counts = torch.zeros(2, device=self.device), np.zeros(2, dtype=np.int64)
         self.tokens = self.flops = self.steps = 0
         self.t0 = time.time()
 
-    def add(self, sums: torch.Tensor, counts: torch.Tensor, tokens: int, flops: int) -> None:
+    def add(self, sums: torch.Tensor, counts: np.ndarray, tokens: int, flops: int) -> None:
         self.sums += sums
         self.counts += counts
         self.tokens += tokens
@@ -295,7 +333,7 @@ class LogWindow:
     def record(self, run: Run, step: int, lr: float, grad_norm: float, peak: float | None) -> dict:
         """The log line of the window (losses averaged over every rank's tokens); starts a new window."""
         sums = run.accelerator.reduce(self.sums, reduction="sum").cpu()
-        label, rationale = (sums / self.counts.clamp(min=1)).tolist()
+        label, rationale = (sums / torch.tensor(self.counts, dtype=torch.float32).clamp(min=1)).tolist()
         elapsed = time.time() - self.t0
         record = {"step": step, "loss": run.alpha * label + (1 - run.alpha) * rationale, "label_loss": label,
                   "rationale_loss": rationale, "lr": lr, "grad_norm": grad_norm,
@@ -319,8 +357,10 @@ class Trainer:
         self.metrics = None
         self.nonfinite_in_row = 0
         self.saved_step = -1
-        self.last = {"lr": 0.0, "grad_norm": 0.0}  # of the latest step, for the log line
+        self.last = {"lr": 0.0, "grad_norm": 0.0}  # of the latest step, for the log line (the norm: read there)
         self.counts_on_device = None  # the step's global token counts, for the objective
+        self.pending = []  # (step, device flag: was it finite?) of the steps skipped or not on the device, unread
+        self.vote = runtime.StopVote(run.world, timedelta(minutes=run.cfg.collective_timeout))
         self.first_step = None  # seconds from process start to the first step done, and the peak memory then
         self.t_steps = time.time()  # when training started (reset by start())
         self.peak_flops = estimate.peak_flops(str(run.accelerator.device),
@@ -333,6 +373,7 @@ class Trainer:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.vote.close()
         if self.metrics is not None:
             self.metrics.close()
 
@@ -372,29 +413,42 @@ class Trainer:
             self.maybe_evaluate(force=True)
 
     # ---- one step ----
-    def collate_step(self, rows: list[int]) -> tuple[list[dict], torch.Tensor]:
-        """This rank's micro-batches of a step, and their target-token counts (answer, rationale)."""
+    def collate_step(self, rows: list[int]) -> tuple[list[dict], np.ndarray]:
+        """This rank's micro-batches of a step, and the step's global target-token counts (answer, rationale)
+        from the rows' lengths, which every rank knows (no collective); the counts go to the device for the
+        objective (a copy there, never a read back)."""
         if self.state.step + 1 == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         run = self.run
         mine = rank_micro_batches(rows, self.cfg.batch_size, self.cfg.grad_accum_steps, run.world,
                                   run.accelerator.process_index)
-        micro = [run.collate(run.train_rows[indices]) for indices in mine]
-        return micro, torch.stack([m.pop("token_counts") for m in micro]).sum(0).float()
+        micro = []
+        for indices in mine:
+            batch = run.collate(run.train_rows[indices])
+            batch.pop("token_counts")
+            micro.append(batch)
+        counts = run.target_tokens[rows].sum(axis=0)
+        on_host = torch.tensor(counts, dtype=torch.float32)
+        if run.collate.pin_memory:
+            on_host = on_host.pin_memory()
+        self.counts_on_device = on_host.to(self.accelerator.device, non_blocking=True)
+        return micro, counts
 
-    def agree(self, counts: torch.Tensor, stop: bool) -> bool:
-        """One collective per step: the step's token counts summed over ranks (written into ``counts``), and
-        whether any rank was asked to stop."""
-        agreed = self.accelerator.reduce(torch.cat([counts, torch.tensor([float(stop)])]).to(self.accelerator.device),
-                                         reduction="sum")
-        self.counts_on_device = agreed[:2]  # the objective divides by them: on the device once per step
-        host = agreed.cpu()
-        counts.copy_(host[:2])
-        return bool(host[2] > 0)
+    def vote_on_stop(self) -> None:
+        """At the end of a step: start the ranks' vote on whether a stop signal arrived (:class:`runtime.StopVote`)."""
+        self.vote.start(self.preemption is not None and self.preemption.requested)
 
-    def train_step(self, micro: list[dict], counts: torch.Tensor, rows: list[int]) -> None:
+    def stop_agreed(self) -> bool:
+        """At the start of a step: whether a stop signal had reached any rank by the end of the last one (the
+        vote then started; one process: the flag now)."""
+        if self.run.world == 1:
+            return self.preemption is not None and self.preemption.requested
+        return self.vote.result()
+
+    def train_step(self, micro: list[dict], counts: np.ndarray, rows: list[int]) -> None:
         """Forward and backward of this rank's micro-batches, then one clip and optimizer step (skipped, and
-        the schedule held, when the loss or gradient is not finite)."""
+        the schedule held, when the loss or gradient is not finite). Nothing here reads the device: see
+        :meth:`clip_and_step` for the one case that must."""
         run, cfg, state = self.run, self.cfg, self.state
         device = self.accelerator.device
         sums = torch.zeros(2, device=device)
@@ -408,45 +462,84 @@ class Trainer:
                 sums += batch_sums.detach().float()
         lr = run.scheduler.get_last_lr()[0]  # the lr this step uses
         grad_norm, finite = self.clip_and_step()
-        if finite:
+        if isinstance(finite, bool):  # known now: hold the schedule at once
+            if finite:
+                run.scheduler.step()
+                self.nonfinite_in_row = 0
+            else:
+                self.skipped(state.step + 1)
+        else:  # decided on the device: the schedule goes on, and is held back where settle() finds a skip
             run.scheduler.step()
-            self.nonfinite_in_row = 0
-        else:
-            self.skipped_step()
+            self.pending.append((state.step + 1, finite))
         state.step += 1
         state.step_in_epoch += 1
         state.samples += run.global_batch
-        self.last = {"lr": lr, "grad_norm": float(grad_norm)}
-        input_tokens = sum(int(m[k].sum()) for m in micro for k in m if k.endswith("attention_mask"))
-        self.window.add(sums, counts, int(counts.sum()) + input_tokens * run.world, run.step_flops(rows))
+        self.last = {"lr": lr, "grad_norm": grad_norm}
+        self.window.add(sums, counts, int(counts.sum() + run.input_tokens[rows].sum()), run.step_flops(rows))
         if self.first_step is None:  # how long a run takes to start, and its memory then (the data benchmark)
             self.first_step = [time.time() - psutil.Process().create_time(), peak_memory_mb()]
 
-    def clip_and_step(self) -> tuple[torch.Tensor, bool]:
-        """Clip the accumulated gradients and step the optimizer if their norm is finite."""
+    def clip_and_step(self) -> tuple[torch.Tensor, torch.Tensor | bool]:
+        """Clip the accumulated gradients and step the optimizer unless their norm is non-finite. Returns the
+        norm (read at the log line) and whether it was finite: a device flag where the skip happened on the
+        device, a bool where it had to be read first.
+
+        DeepSpeed clips and steps inside the engine, its own overflow check skipping a non-finite step (fp32 and
+        fp16, and bf16 with check_grad_overflow); the norm is the engine's own. A fused AdamW (what the trainer
+        builds on GPUs) skips on the device: ``found_inf``, as ``torch.amp.GradScaler`` uses it, leaves
+        parameters, moments and step counts as they were. Any other optimizer (the CPU default, foreach AdamW,
+        where the device is the host anyway) is stepped only after the flag is read."""
         model, optimizer = self.run.model, self.run.optimizer
+        if self.run.layout.deepspeed:
+            norm = model.get_global_grad_norm()  # the engine's tensor (Accelerate's helper would read it)
+            norm = torch.as_tensor(0.0 if norm is None else norm)
+            return norm, torch.isfinite(norm)
         grad_norm = self.accelerator.clip_grad_norm_(model.parameters(), self.cfg.max_grad_norm or float("inf"))
-        if grad_norm is None:
-            # DeepSpeed clips and steps inside the engine; its own overflow check
-            # skips a non-finite step (fp32/fp16, and bf16 with check_grad_overflow).
-            grad_norm = torch.tensor(float(model.get_global_grad_norm() or 0.0))
-        finite = bool(torch.isfinite(torch.as_tensor(grad_norm)))
-        if finite:
+        torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
+        finite = torch.isfinite(grad_norm)
+        if torch_optimizer.defaults.get("fused") and getattr(self.accelerator, "scaler", None) is None:
+            torch_optimizer.found_inf = (~finite).float()
             optimizer.step()
+        else:
+            finite = bool(finite)
+            if finite:
+                optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return grad_norm, finite
 
-    def skipped_step(self) -> None:
+    def settle(self) -> None:
+        """Read the finiteness of the steps skipped or not on the device since the last call (one read) and
+        account for the skipped ones as :meth:`skipped` does when it knows at once; the schedule, stepped for
+        them meanwhile, is set back by one step each. Called at log lines, checkpoints and evaluations, so the
+        steps between a skip and the next log line train at the lr of one step later."""
+        pending, self.pending = self.pending, []
+        if not pending:
+            return
+        device = self.accelerator.device
+        finite = torch.stack([torch.as_tensor(f, device=device).reshape(()) for _, f in pending]).tolist()
+        for (step, _), ok in zip(pending, finite):
+            if ok:
+                self.nonfinite_in_row = 0
+                continue
+            hold_schedule(self.run.scheduler, 1)
+            if step == self.state.step and self.nonfinite_in_row + 1 >= self.cfg.max_nonfinite_steps:
+                self.state.step -= 1  # the latest step did nothing but count: save the state before it
+                self.state.step_in_epoch -= 1
+                self.state.samples -= self.run.global_batch
+            self.skipped(step)
+
+    def skipped(self, step: int) -> None:
+        """Step ``step`` was skipped (non-finite loss or gradient); too many in a row save and stop."""
         state = self.state
         self.nonfinite_in_row += 1
         state.nonfinite_steps += 1
-        self.emit({"step": state.step + 1, "split": "train", "nonfinite_skipped": state.nonfinite_steps})
-        log.warning(f"step {state.step + 1}: non-finite loss or gradient; step skipped "
+        self.emit({"step": step, "split": "train", "nonfinite_skipped": state.nonfinite_steps})
+        log.warning(f"step {step}: non-finite loss or gradient; step skipped "
                     f"({self.nonfinite_in_row} in a row, {state.nonfinite_steps} in all)")
         if self.nonfinite_in_row >= self.cfg.max_nonfinite_steps:
             self.save()
             raise NonFiniteLossError(
-                f"{self.nonfinite_in_row} non-finite steps in a row at step {state.step + 1}; the last good state "
+                f"{self.nonfinite_in_row} non-finite steps in a row at step {step}; the last good state "
                 f"is saved in {self.run.out / runfiles.CHECKPOINTS}. Lower --lr or check the data.")
 
     # ---- after a step ----
@@ -462,7 +555,8 @@ class Trainer:
         step = self.state.step
         if step % self.cfg.logging_steps and step != self.run.total_steps:
             return
-        record = self.window.record(self.run, step, self.last["lr"], self.last["grad_norm"], self.peak_flops)
+        self.settle()
+        record = self.window.record(self.run, step, self.last["lr"], float(self.last["grad_norm"]), self.peak_flops)
         record["epoch"] = self.state.epoch
         self.emit(record)
         self.state.last_loss = record["loss"]
@@ -475,14 +569,15 @@ class Trainer:
             return
         if state.last_eval_step == state.step:
             return
+        self.settle()
         state.evaluation_pending = True  # until it is done: a checkpoint saved on a stop during it says so
         t_eval = time.time()
         try:
-            with runtime.generation_autocast(self.accelerator):
+            with runtime.generation_autocast(self.accelerator), runtime.zero3_generation(run.model, run.t5):
                 result, records = evaluate.evaluate_split(
                     run.t5, run.tokenizer, run.tables["valid"], family=DATASETS[self.cfg.dataset].family,
                     kind=run.metric_kind, model_type=self.cfg.model_type, device=self.accelerator.device,
-                    batch_size=2 * self.cfg.batch_size, gen_max_len=self.cfg.gen_max_len, rationales=False,
+                    batch_size=eval_batch_size(self.cfg), gen_max_len=self.cfg.gen_max_len, rationales=False,
                     world=run.world, rank=self.accelerator.process_index, synced_gpus=run.layout.zero_stage == 3,
                     between_batches=self.between_eval_batches)
         except evaluate.EvaluationStopped as stopped:
@@ -519,6 +614,7 @@ class Trainer:
             self.save()
 
     def save(self) -> None:
+        self.settle()  # a skip found here may itself save and stop
         if self.saved_step == self.state.step:
             return
         self.saved_step = self.state.step
@@ -535,6 +631,7 @@ class Trainer:
         log.warning(f"stop requested by a signal: saved step {self.state.step} in "
                     f"{self.run.out / runfiles.CHECKPOINTS} in {time.time() - t_save:.0f} s; exiting with code "
                     f"{EXIT_PREEMPTED} (rerun with --resume to continue){'; it came ' + where if where else ''}")
+        self.vote.close()
         shut_down(self.accelerator)
         raise Preempted(f"preempted at step {self.state.step}")
 
@@ -582,6 +679,7 @@ class Trainer:
             (run.out / runfiles.SUMMARY).write_text(json.dumps(summary, indent=2))
             print_examples(examples)
             runfiles.print_table(result_rows(summary, run.out))
+        self.vote.close()
         shut_down(accelerator)
         return summary
 
@@ -646,10 +744,10 @@ def test_best_model(run: Run, between_batches=None) -> tuple[float, list[dict]]:
     table = run.tables["test"]
     split = functools.partial(evaluate.evaluate_split, t5, tokenizer, family=DATASETS[cfg.dataset].family,
                               kind=run.metric_kind, model_type=cfg.model_type, device=accelerator.device,
-                              batch_size=2 * cfg.batch_size, gen_max_len=cfg.gen_max_len,
+                              batch_size=eval_batch_size(cfg), gen_max_len=cfg.gen_max_len,
                               rationale_max_len=cfg.max_target_length, synced_gpus=partitioned,
                               between_batches=between_batches)
-    with runtime.generation_autocast(accelerator):
+    with runtime.generation_autocast(accelerator), runtime.zero3_generation(run.model, t5):
         result, records = split(table, rationales=cfg.output_rationale, world=run.world,
                                 rank=accelerator.process_index)
         # A few questions with the student's rationale, generated on every rank alike (ZeRO-3 generates in lockstep).

@@ -1,5 +1,6 @@
-"""The process a run lives in: the Accelerator, CPU threads, what the DeepSpeed JSON says, peak memory,
-stop signals, and an orderly shutdown."""
+"""The process a run lives in: the Accelerator, CPU threads, what the DeepSpeed JSON says (and the sizes the
+trainer gives it), ZeRO-3's fp32 masters and generation, peak memory, stop signals and the ranks' vote on
+them, and an orderly shutdown."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import signal
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
@@ -21,6 +23,13 @@ from mindmirror.config import TrainConfig
 # between d_model squared and DeepSpeed's own default. The buffers are allocated whole, so a fixed
 # large size in the JSON would cost a small model gigabytes.
 MAX_BUCKET = 500_000_000
+# ZeRO-3 sizes that DeepSpeed defaults to 1e9 elements whatever the model: a model under a billion parameters then
+# stays gathered whole on every rank through the forward and backward (stage3_max_live_parameters,
+# stage3_max_reuse_distance), and the optimizer step flattens a rank's whole partition at once, with AdamW's
+# temporaries of the same size (sub_group_size). Unless the DeepSpeed JSON names them, the trainer sizes them
+# as the buckets (bucket_elements): a sixteenth of the model, at most 5e8. A module is then gathered again for
+# its backward instead of being kept from its forward (one more all-gather of it per micro-batch).
+ZERO3_SCALED = ("stage3_max_live_parameters", "stage3_max_reuse_distance", "sub_group_size")
 
 
 def process_group_kwargs(cfg: TrainConfig, distributed: bool) -> InitProcessGroupKwargs:
@@ -86,7 +95,8 @@ def bucket_elements(parameters: int, d_model: int) -> int:
 
 def fill_deepspeed_sizes(ds_config: dict, cfg: TrainConfig, global_batch: int, parameters: int, d_model: int) -> None:
     """Resolve the JSON's "auto" sizes. No DataLoader goes through ``prepare()``, so DeepSpeed is told the
-    batch sizes directly; bucket sizes scale with the model (:func:`bucket_elements`)."""
+    batch sizes directly; bucket sizes scale with the model (:func:`bucket_elements`), and so, under ZeRO-3,
+    do the :data:`ZERO3_SCALED` sizes the JSON leaves out or sets to "auto"."""
     ds_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
     ds_config["train_batch_size"] = global_batch
     if ds_config.get("gradient_clipping") == "auto":
@@ -95,12 +105,65 @@ def fill_deepspeed_sizes(ds_config: dict, cfg: TrainConfig, global_batch: int, p
     for key in ("reduce_bucket_size", "stage3_prefetch_bucket_size"):
         if zero.get(key) == "auto":
             zero[key] = bucket_elements(parameters, d_model)
+    if zero.get("stage") == 3:  # what ZeRO-3 keeps gathered, and the optimizer's step size: see ZERO3_SCALED
+        for key in ZERO3_SCALED:
+            if zero.get(key, "auto") == "auto":
+                zero[key] = bucket_elements(parameters, d_model)
+
+
+def share_fp32_masters(engine) -> int:
+    """ZeRO-3 with fp32 parameters and nothing offloaded: let the fp32 master weights be the parameter partitions
+    themselves, as DeepSpeed means to. DeepSpeed 0.19.8 checks for this case by comparing a tensor's
+    ``torch.device`` with the device's *name* (``runtime/zero/stage3.py``, ``_create_fp32_partitions``), which is
+    never equal, so it keeps a second fp32 copy of each rank's partition (4 bytes per parameter / ranks). The
+    masters keep their identity (the optimizer's parameters and state keys); only their storage becomes the
+    partitions', so the step updates the partitions in place and DeepSpeed's copy back is a copy onto itself.
+    Returns the bytes freed (0 where the masters are another dtype, offloaded, or already shared)."""
+    zero = getattr(engine, "optimizer", None)
+    masters = getattr(zero, "fp32_partitioned_groups_flat", None)
+    partitions = getattr(zero, "fp16_partitioned_groups_flat", None)
+    if not masters or not partitions or len(masters) != len(partitions) or getattr(zero, "offload_optimizer", True) \
+            or getattr(zero, "offload_param", True):
+        return 0
+    freed = 0
+    with torch.no_grad():
+        for master, partition in zip(masters, partitions):
+            if partition is None or master.dtype != partition.dtype or master.device != partition.device \
+                    or master.shape != partition.shape or master.data_ptr() == partition.data_ptr() \
+                    or not torch.equal(master, partition):
+                continue
+            master.data = partition.data
+            freed += partition.numel() * partition.element_size()
+    return freed
 
 
 def generation_autocast(accelerator):
     """Accelerate's autocast around generation, which bypasses the autocast wrapper of the model's forward
     (so a bf16 run would evaluate in fp32); on CPU none, where evaluations stay what they were."""
     return accelerator.autocast() if accelerator.device.type == "cuda" else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def zero3_generation(engine, t5):
+    """Generation through a ZeRO-3 engine's module, with its parameter prefetching. ``t5.generate`` calls the
+    model, a child of the engine's module, once per generated token; DeepSpeed starts a new step of its parameter
+    trace only in the forward pre-hook of the engine's module (``_start_of_forward_hook``), so without it the
+    whole generation is one ever-growing step that matches no recorded trace: every layer is gathered on demand,
+    with no prefetch, for every token. Here each forward of ``t5`` starts a step, as the engine's hook does: the
+    decoder's trace is recorded at the first tokens of a batch and prefetched for the rest. Afterwards every
+    gathered parameter is let go, and training records its own trace again in its first steps. Anything that is
+    not a ZeRO-3 engine passes through."""
+    offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
+    if offload is None:
+        yield
+        return
+    coordinator = offload.get_param_coordinator()
+    handle = t5.register_forward_pre_hook(lambda module, args: coordinator.reset_step())
+    try:
+        yield
+    finally:
+        handle.remove()
+        engine.empty_partition_cache()
 
 
 def peak_memory_mb() -> float:
@@ -126,6 +189,49 @@ class Preemption:
 
     def _handle(self, signum, frame):
         self.requested = True
+
+
+class StopVote:
+    """Whether a stop signal reached any rank, agreed without the accelerator: at the end of each step every rank
+    starts a sum of its flag over a gloo (CPU) process group (:meth:`start`, asynchronous), and at the start of
+    the next step reads it (:meth:`result`): a wait for the other ranks' hosts, never for a device. So the ranks
+    stop at the same step boundary, the first after the signal, as one collective a step did before. Every rank
+    calls both once per step (one process: no group, :meth:`result` is the flag itself) and :meth:`close`
+    before the process group goes down."""
+
+    def __init__(self, world: int, timeout: timedelta | None = None):
+        import torch.distributed as dist
+
+        self.group = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
+        self.flag = False  # one process
+        self.pending = None  # (work, tensor, its numpy buffer) of the vote started last
+
+    def start(self, stop: bool) -> None:
+        import torch.distributed as dist
+
+        if self.group is None:
+            self.flag = stop
+            return
+        self.close()  # a vote nobody read (none in the loop's order)
+        buffer = np.array([float(stop)], dtype=np.float32)
+        tensor = torch.from_numpy(buffer)
+        self.pending = (dist.all_reduce(tensor, group=self.group, async_op=True), tensor, buffer)
+
+    def result(self) -> bool:
+        """The vote started last (False when none was): whether any rank's flag was set."""
+        if self.group is None:
+            return self.flag
+        if self.pending is None:
+            return False
+        work, _, buffer = self.pending
+        work.wait()
+        self.pending = None
+        return bool(buffer[0] > 0)  # a host buffer: gloo reduced it on the CPU
+
+    def close(self) -> None:
+        if self.pending is not None:
+            self.pending[0].wait()
+            self.pending = None
 
 
 def shut_down(accelerator) -> None:

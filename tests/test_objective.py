@@ -99,3 +99,40 @@ def test_length_grouping_reduces_padding():
     grouped = padding(step_batches(lengths, 32, 0, 0, group_by_length=True))
     plain = padding(step_batches(lengths, 32, 0, 0, group_by_length=False))
     assert grouped < 0.2 * plain
+
+
+def test_stacked_batch_gives_both_tasks_sums_in_one_pass_of_the_model():
+    """ZeRO-3's layout (both tasks' rows in one set of tensors) computes what the two passes compute (not to the
+    bit: the matrix products run over other row counts and widths), and calls every module of the model as often
+    as one forward of the model does."""
+    t5 = tiny_t5()
+    objective = DistillationObjective(t5)
+    data = rows(6, seed=5)
+    two = Collator(0, True)(data)
+    one = Collator(0, True, stacked=True)(data)
+    assert one["token_counts"].tolist() == two["token_counts"].tolist()
+    assert one["input_ids"].shape[0] == 12 and "expl_input_ids" not in one
+    assert one["labels"].reshape(-1)[one["target_positions"]].tolist() == \
+        two["labels"].reshape(-1)[two["target_positions"]].tolist()
+    assert one["labels"].reshape(-1)[one["expl_target_positions"]].tolist() == \
+        two["expl_labels"].reshape(-1)[two["expl_target_positions"]].tolist()
+    calls = {}
+    hooks = [m.register_forward_pre_hook(lambda m, _: calls.__setitem__(m, calls.get(m, 0) + 1))
+             for m in t5.modules()]
+
+    def sums_and_grads(batch):
+        t5.zero_grad()
+        calls.clear()
+        sums = objective(**{k: v for k, v in batch.items() if k != "token_counts"})
+        combine(sums, batch["token_counts"], 0.5).backward()
+        return sums.detach(), torch.cat([p.grad.flatten() for p in t5.parameters() if p.grad is not None])
+
+    sums_two, grads_two = sums_and_grads(two)
+    called_two = dict(calls)
+    sums_one, grads_one = sums_and_grads(one)
+    # as often as one forward of the model (the shared embedding serves the encoder and the decoder): half as often
+    assert {m: 2 * n for m, n in calls.items()} == called_two and calls[t5.encoder.block[0]] == 1
+    for h in hooks:
+        h.remove()
+    assert torch.allclose(sums_one, sums_two, rtol=1e-6, atol=1e-5), (sums_one, sums_two)
+    assert torch.allclose(grads_one, grads_two, atol=1e-6)

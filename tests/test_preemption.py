@@ -194,7 +194,7 @@ def test_a_one_process_sweep_task_saves_slowly_on_preemption_requeues_and_resume
 
 def test_two_processes_stop_between_evaluation_batches_on_a_signal_to_one_rank(reference, tmp_path, started):
     out = tmp_path / "out"
-    args = ARGS + ["--batch_size", "4", "--output_dir", "out"]
+    args = ARGS + ["--batch_size", "4", "--eval_batch_size", "8", "--output_dir", "out"]
     # Each rank evaluates 24 of the 48 validation rows in 3 batches of 8, each 4 s slower than it would be.
     node = multinode(tmp_path, args, nproc=2, env=SLOW_SAVE | {"MINDMIRROR_FAULT_SLOW_EVAL_S": "4"})
     started.append(node)

@@ -67,6 +67,21 @@ def plain_saved(tmp_path_factory):
     return tmp / "out"
 
 
+@pytest.fixture(scope="module")
+def zero3_saved(tmp_path_factory):
+    """Two processes under ZeRO-3 (every parameter cut in two), a checkpoint at step 3, killed at step 4."""
+    tmp = tmp_path_factory.mktemp("zero3")
+    config = json.loads((REPO / "ds_configs" / "zero3.json").read_text())  # as the deepspeed_json fixture does
+    config["bf16"] = {"enabled": False}
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    (tmp / "zero3.json").write_text(json.dumps(config))
+    killed = run_train(tmp, two(["--save_steps", "3", "--output_dir", str(tmp / "out")]), nproc=2,
+                       deepspeed_json=tmp / "zero3.json", env=KILL_AT_4, check=False)
+    assert killed.returncode != 0
+    assert sorted(p.name for p in (tmp / "out" / "checkpoints").iterdir()) == ["step_3"]
+    return tmp / "out"
+
+
 def copy_of(saved, tmp_path):
     shutil.copytree(saved, tmp_path / "out")
     return tmp_path / "out"
@@ -128,6 +143,17 @@ def test_zero2_checkpoint_resumes_under_zero3(zero2_saved, baseline, tmp_path, d
     proc = run_train(tmp_path, two(["--output_dir", str(out), "--resume"]), nproc=2,
                      deepspeed_json=zero3_json(deepspeed_json))
     assert "continuing under 2 processes, DeepSpeed ZeRO stage 3" in proc.stdout + proc.stderr
+    assert_finished_like_baseline(out, baseline, proc, resumed_from=3)
+
+
+def test_two_process_zero3_checkpoint_resumes_under_one_process_zero3(zero3_saved, baseline, tmp_path,
+                                                                      deepspeed_json):
+    """ZeRO-3 into ZeRO-3 at another world size: each rank reads its own slice of every parameter, here one
+    rank's slice spanning both saved ranks' pieces."""
+    out = copy_of(zero3_saved, tmp_path)
+    proc = run_train(tmp_path, one(["--output_dir", str(out), "--resume"]), deepspeed_json=zero3_json(deepspeed_json))
+    assert ("written by 2 processes, DeepSpeed ZeRO stage 3, fp32, continuing under 1 process, DeepSpeed ZeRO "
+            "stage 3") in proc.stdout + proc.stderr
     assert_finished_like_baseline(out, baseline, proc, resumed_from=3)
 
 
@@ -195,3 +221,24 @@ def test_every_layout_reads_the_same_state(zero2_saved, plain_saved):
     # A checkpoint that does not record its layout is judged by its files.
     assert elastic.infer_layout(zero2_saved / "checkpoints" / "step_3") == elastic.Layout(2, 2, True, "unknown")
     assert elastic.infer_layout(plain_saved / "checkpoints" / "step_3") == elastic.Layout(1, 0, False, "unknown")
+
+
+def test_a_span_of_the_saved_state_is_that_part_of_the_whole(zero2_saved, plain_saved, zero3_saved):
+    """What a ZeRO-3 rank reads on an elastic resume (its slice of each parameter, from whichever files hold it)
+    is exactly that part of what reading the whole parameter gives, in every layout a checkpoint comes from."""
+    from mindmirror import elastic
+    from mindmirror.loop import param_groups
+    from mindmirror.model import load_model, load_tokenizer
+    from mindmirror.objective import DistillationObjective
+
+    model = DistillationObjective(load_model("tiny", load_tokenizer("", "tiny", False), False, "", 0))
+    order = [name for group in param_groups(model) for name, _ in group]
+    for saved in (zero2_saved, plain_saved, zero3_saved):
+        state = elastic.SavedState(saved / "checkpoints" / "step_3", order)
+        for name in order:
+            whole = {kind: t.reshape(-1) for kind, t in state.tensors(name).items()}
+            n = whole["param"].numel()
+            for start, length in ((0, n), (0, (n + 1) // 2), ((n + 1) // 2, n // 2), (n // 3, n // 3 + 1), (n, 0)):
+                part = state.span(name, start, length)
+                for kind, t in whole.items():
+                    assert torch.equal(part[kind], t[start:start + length]), (saved.parent.name, name, kind, start)
