@@ -269,14 +269,18 @@ def activation_bytes(config, micro_batch: int, enc_len: int, dec_len: int, preci
                      rationale: bool = True, rationale_enc_len: int | None = None,
                      rationale_dec_len: int | None = None, target_tokens: int | None = None,
                      rationale_target_tokens: int | None = None, gradient_checkpointing: bool = False,
-                     dropout_mask_bytes: int = 1) -> int:
+                     dropout_mask_bytes: int = 1, stacked: bool = False) -> int:
     """Bytes autograd keeps for the backward of one training micro-batch of the distillation objective.
 
     Both tasks run in one forward, so the answer task (``enc_len``/``dec_len``) and the rationale task
-    (``rationale_enc_len``/``rationale_dec_len``, default the answer's) are alive together. Targets default
-    to every decoder position. The model is transformers' eager T5 (see the module docstring); per layer:
-    norm inputs/outputs (plus an fp32 copy under bf16) and rsqrt, contiguous q/k/v copies and o's input,
-    softmax output ``b*h*Lq*Lk``, the FFN's GELU intermediates, dropout masks when ``dropout_rate > 0``
+    (``rationale_enc_len``/``rationale_dec_len``, default the answer's) are alive together. By default they
+    run as two passes of ``micro_batch`` rows, each padded to its own lengths (what the trainer runs under DDP
+    and ZeRO-1/2). ``stacked`` (with the rationale task) is the batch the trainer runs under ZeRO-3
+    (:class:`mindmirror.collate.Collator`'s ``stacked``): one pass of ``2 x micro_batch`` rows, both tasks padded
+    to the longer encoder and the longer decoder length; only the real targets reach the head. Targets default
+    to every decoder position of the task's own length. The model is transformers' eager T5 (see the module
+    docstring); per layer: norm inputs/outputs (plus an fp32 copy under bf16) and rsqrt, contiguous q/k/v copies
+    and o's input, softmax output ``b*h*Lq*Lk``, the FFN's GELU intermediates, dropout masks when ``dropout_rate > 0``
     (1 byte per element for the dropout modules, :class:`mindmirror.speedups.Dropout` on CPU and ``F.dropout``
     on CUDA; ``dropout_mask_bytes`` for the attention-probability dropout, which calls ``F.dropout``: 1 on
     CUDA, the compute dtype's size on CPU, where it saves a float mask), plus the lm_head input and fp32
@@ -296,13 +300,18 @@ def activation_bytes(config, micro_batch: int, enc_len: int, dec_len: int, preci
     """
     size = {"fp32": 4, "bf16": 2}[precision]
     dropout = getattr(config, "dropout_rate", 0.0) > 0
-    tasks = [(enc_len, dec_len, target_tokens)]
+    rows = micro_batch
+    targets = micro_batch * dec_len if target_tokens is None else target_tokens
+    tasks = [(enc_len, dec_len, targets)]
     if rationale:
         r_enc = enc_len if rationale_enc_len is None else rationale_enc_len
         r_dec = dec_len if rationale_dec_len is None else rationale_dec_len
-        tasks.append((r_enc, r_dec, rationale_target_tokens))
-    parts = [_task_activations(config, micro_batch, e, d, micro_batch * d if t is None else t, size,
-                               dropout_mask_bytes, dropout) for e, d, t in tasks]
+        r_targets = micro_batch * r_dec if rationale_target_tokens is None else rationale_target_tokens
+        tasks.append((r_enc, r_dec, r_targets))
+        if stacked:  # one pass: 2B rows at the longer task's lengths, both tasks' targets
+            rows = 2 * micro_batch
+            tasks = [(max(enc_len, r_enc), max(dec_len, r_dec), targets + r_targets)]
+    parts = [_task_activations(config, rows, e, d, t, size, dropout_mask_bytes, dropout) for e, d, t in tasks]
     if not gradient_checkpointing:
         return sum(p["full"] for p in parts)
     return sum(p["checkpointed"] for p in parts) + max(p["block"] for p in parts)
@@ -361,8 +370,9 @@ def shipped_deepspeed_config(zero_stage: int, offload: bool = False) -> dict:
 class ZeroSettings:
     """The sizes and switches of a DeepSpeed JSON that decide its buffers, "auto" resolved as the trainer does:
     ``reduce_bucket_size`` and ``stage3_prefetch_bucket_size`` by :func:`mindmirror.runtime.bucket_elements`
-    (``fill_deepspeed_sizes``), ``stage3_param_persistence_threshold`` by Accelerate (10 x ``d_model``);
-    missing keys take DeepSpeed 0.19's defaults (deepspeed/runtime/zero/config.py)."""
+    (``fill_deepspeed_sizes``), and so ``stage3_max_reuse_distance`` of a ZeRO-3 JSON, "auto" or left out
+    (``runtime.ZERO3_SCALED``); ``stage3_param_persistence_threshold`` by Accelerate (10 x ``d_model``);
+    other missing keys take DeepSpeed 0.19's defaults (deepspeed/runtime/zero/config.py)."""
 
     reduce_bucket: int
     allgather_bucket: int
@@ -388,6 +398,7 @@ def zero_settings(ds_config: dict, zero_stage: int, parameters: int, d_model: in
     from mindmirror.runtime import bucket_elements  # the trainer's rule for "auto" buckets (one home)
 
     bucket = bucket_elements(parameters, d_model)
+    scaled = bucket if zero.get("stage") == 3 else None  # fill_deepspeed_sizes sizes these only in a ZeRO-3 JSON
     accum = ds_config.get("data_types", {}).get("grad_accum_dtype")
     comm = ds_config.get("communication_data_type")
     overlap = zero.get("overlap_comm")
@@ -396,7 +407,7 @@ def zero_settings(ds_config: dict, zero_stage: int, parameters: int, d_model: in
         allgather_bucket=size("allgather_bucket_size", 5e8),
         prefetch_bucket=size("stage3_prefetch_bucket_size", 5e7, bucket),
         persistence_threshold=size("stage3_param_persistence_threshold", 1e5, 10 * d_model),
-        max_reuse_distance=size("stage3_max_reuse_distance", 1e9),
+        max_reuse_distance=size("stage3_max_reuse_distance", 1e9 if scaled is None else scaled, scaled),
         overlap_comm=zero_stage == 3 if overlap in (None, "auto") else bool(overlap),
         contiguous_gradients=bool(zero.get("contiguous_gradients", True)),
         grad_accum_bytes=None if accum is None else _BYTES[str(accum).lower()],
@@ -456,45 +467,36 @@ class MemoryEstimate:
         return markdown_table(("kind", "term", "GiB"), rows)
 
 
-def _zero3_gathered(c, p_gathered: int, s: ZeroSettings, two_forwards: bool, gradient_checkpointing: bool,
-                    aliased: bool) -> tuple[int, int]:
-    """Parameter elements ZeRO-3 holds gathered (whole) at once: ``(during forward and backward, at the end of
-    the backward)``, from DeepSpeed 0.19's release rules (runtime/zero/partitioned_param_coordinator.py and
+def _zero3_gathered(c, p_gathered: int, s: ZeroSettings, aliased: bool) -> int:
+    """Parameter elements ZeRO-3 holds gathered (whole) at once, during the forward and backward and still at the
+    end of the backward, from DeepSpeed 0.19's release rules (runtime/zero/partitioned_param_coordinator.py and
     parameter_offload.py), ``p_gathered`` being the parameters not kept whole anyway (persistent ones).
 
-    * A gathered module is not released while it is used again within ``stage3_max_reuse_distance``
-      elements of the recorded trace; the prefetcher gathers up to ``stage3_prefetch_bucket_size`` ahead.
-      With one forward a module is next used in its own backward, ``2 x`` the parameters after it away: the
-      last ``R/2`` stay gathered into the backward (all of them if the model is under ``R/2``).
-    * The distillation objective runs the model twice per forward (answer, then rationale). A module is then
-      next used in the second forward, about the whole model away: under ``R`` parameters nothing is
-      released at all. And every forward pre-hook resets the module's ``ds_grads_remaining`` counter, so in
-      the backward of the first pass it never returns to 0 and ``post_sub_module_backward_function`` never
-      releases: by the end of the backward the whole model is gathered. Gradient checkpointing runs each
-      block's forward again just before its backward, which resets the counter, so then only what lies
-      outside the blocks (embedding, ``lm_head``, final norms) stays.
+    * The trainer calls every module once per forward under ZeRO-3: with the rationale task the collator
+      stacks both tasks' rows into one batch (:class:`mindmirror.collate.Collator`'s ``stacked``), so each
+      module's backward releases it as DeepSpeed means to.
+    * A gathered module is not released while it is used again within ``stage3_max_reuse_distance`` (``R``)
+      elements of the recorded trace; the prefetcher gathers up to ``stage3_prefetch_bucket_size`` ahead. With
+      one forward a module is next used in its own backward, ``2 x`` the parameters after it away: the last
+      ``R/2`` stay gathered into the backward (all of them if the model is under ``R/2``), with the largest
+      layer and the prefetch bucket beside them. Gradient checkpointing, which runs each block's forward again
+      just before its backward, stays within this.
     * At world size 1 a gather is the shard itself (``NoGatherHandle``: no copy; ``aliased``), so nothing
       extra, unless the shard lives on the host (``offload_param``).
 
-    Checked on CPU with a one-process ZeRO-3 engine on t5-v1_1-small (tests/test_estimate.py records the
-    figures).
+    Checked on CPU with a one-process ZeRO-3 engine (tests/test_estimate.py: both tasks stacked, one task, and
+    stacked with gradient checkpointing, all within this figure).
     """
     if aliased:
-        return 0, 0
+        return 0
     reuse, u = s.max_reuse_distance, largest_layer_params(c)
-    window = min(p_gathered, reuse // 2 + u + s.prefetch_bucket)
-    if not two_forwards:
-        early = p_gathered if p_gathered <= reuse // 2 else window
-        return early, early
-    early = p_gathered if p_gathered <= reuse else window
-    if gradient_checkpointing:
-        outside = _count(c, kinds=("embedding", "lm_head"))
-        return early, max(early, min(p_gathered, outside + window))
-    return early, p_gathered
+    if p_gathered <= reuse // 2:
+        return p_gathered
+    return min(p_gathered, reuse // 2 + u + s.prefetch_bucket)
 
 
-def _model_terms(c, zero_stage: int, n: int, offload: bool, precision: str, s: ZeroSettings | None,
-                 rationale: bool, gradient_checkpointing: bool) -> list[tuple[str, str, int]]:
+def _model_terms(c, zero_stage: int, n: int, offload: bool, precision: str,
+                 s: ZeroSettings | None) -> list[tuple[str, str, int]]:
     """The non-activation terms of :func:`memory_per_rank`, ``(kind, what, bytes)``."""
     p = parameter_count(c)
     shard = -(-p // n)  # one rank's share (DeepSpeed pads flat groups to a multiple of N: a few elements)
@@ -594,16 +596,15 @@ def _model_terms(c, zero_stage: int, n: int, offload: bool, precision: str, s: Z
     if lp != 4 or offload:  # in fp32 on the GPU the master weights are the shard itself
         add(on_host or "optimizer", "fp32 master weights, 1/N", 4 * shard)
     add(on_host or "optimizer", "Adam moments (fp32), 1/N", 8 * shard)
-    early, late = _zero3_gathered(c, p - persistent, s, rationale, gradient_checkpointing,
-                                  aliased=n == 1 and not offload)
+    gathered = _zero3_gathered(c, p - persistent, s, aliased=n == 1 and not offload)
     ipg = b * comm if s.contiguous_gradients else 0
     scatter = b * comm + (-(-b // n) * acc if acc != comm else 0)  # reduce_scatter_coalesced's copy, fp32 shares
     add("buffers", "further gathered parameters: the prefetch bucket (stage3_prefetch_bucket_size "
-                   f"{s.prefetch_bucket:,}) and the layers kept for reuse", lp * max(0, early - u))
+                   f"{s.prefetch_bucket:,}) and the layers kept for reuse", lp * max(0, gathered - u))
     add("buffers", f"reduce bucket (reduce_bucket_size {b:,})", ipg)
     add("buffers", "reduce-scatter: the interleaved copy and the rank's fp32 shares", scatter)
-    add("late", "parameters still gathered at the end of the backward pass (two forward passes a step: see "
-                "_zero3_gathered)", lp * max(0, late - u))
+    add("late", "parameters still gathered at the end of the backward pass (the layers kept for reuse: see "
+                "_zero3_gathered)", lp * max(0, gathered - u))
     add("late", "reduce bucket and the last reduce-scatter's copies", ipg + scatter)
     return terms
 
@@ -629,9 +630,8 @@ def memory_per_rank(config, zero_stage: int, world_size: int, offload: bool, pre
       (``overlap_comm``), the flattened copy each all-reduce sends and the fp32 copy of the rank's slice.
     * ZeRO-3: a bf16 shard 2 B/N, fp32 gradient partitions 4 B/N, 12 B/N master weights and Adam; the largest
       layer gathered at 4 B/param (weights and gradient) as DeepSpeed counts it; small parameters whole on
-      every rank; the prefetch bucket and the layers kept for reuse, and, with the rationale task (two
-      forward passes), the whole model gathered by the end of the backward (:func:`_zero3_gathered`); the
-      reduce bucket and the reduce-scatter's copies.
+      every rank; the prefetch bucket and the layers kept for reuse (:func:`_zero3_gathered`: one pass of the
+      model per forward, both tasks' rows stacked); the reduce bucket and the reduce-scatter's copies.
     * fp32 (bf16 off): the same optimizers with 4-byte parameters and gradients; ZeRO-1/2 still keep a
       separate fp32 master copy (a clone of the shard), ZeRO-3 does not.
     * The allgather that refreshes parameters after a ZeRO-1/2 step writes into them in place
@@ -643,7 +643,8 @@ def memory_per_rank(config, zero_stage: int, world_size: int, offload: bool, pre
 
     Not counted: NCCL's own buffers, the allocator's fragmentation and cache, and the CUDA context; hence the
     90% of :func:`plan_fits`. Activations are :func:`activation_bytes` for one micro-batch (extra keyword
-    arguments go there).
+    arguments go there), as the trainer batches it: the two tasks as two passes under DDP and ZeRO-1/2, and
+    stacked into one pass of 2 x ``micro_batch`` rows under ZeRO-3 (``stacked``).
     """
     if zero_stage not in (0, 1, 2, 3):
         raise ValueError(f"zero_stage must be 0-3, not {zero_stage}")
@@ -655,11 +656,11 @@ def memory_per_rank(config, zero_stage: int, world_size: int, offload: bool, pre
     if zero_stage > 0:
         ds = shipped_deepspeed_config(zero_stage, offload) if ds_config is None else ds_config
         settings = zero_settings(ds, zero_stage, parameter_count(config), config.d_model)
-    terms = _model_terms(config, zero_stage, world_size, offload, precision, settings, rationale,
-                         gradient_checkpointing)
+    terms = _model_terms(config, zero_stage, world_size, offload, precision, settings)
     sums = {kind: sum(nbytes for k, _, nbytes in terms if k == kind) for kind in KINDS}
     activations = activation_bytes(config, micro_batch, enc_len, dec_len, precision, rationale=rationale,
-                                   gradient_checkpointing=gradient_checkpointing, **activation_kwargs)
+                                   gradient_checkpointing=gradient_checkpointing, stacked=zero_stage == 3,
+                                   **activation_kwargs)
     terms.append(("activations", "tensors autograd keeps for the backward of one micro-batch", activations))
     return MemoryEstimate(sums["params"], sums["grads"], sums["optimizer"], activations,
                           cpu_offloaded=sums["host"], buffers=sums["buffers"], late=sums["late"], terms=terms)

@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from mindmirror import estimate
+from mindmirror.collate import Collator
 from mindmirror.estimate import (
     MemoryEstimate,
     activation_bytes,
@@ -231,8 +232,11 @@ def test_zero_stages_shrink_model_states_per_rank():
     for precision in ("fp32", "bf16"):
         states = [model_states(memory_per_rank(config, s, 8, False, precision, **args)) for s in range(4)]
         assert states[0] > states[1] > states[2] > states[3], precision
-        activations = {memory_per_rank(config, s, 8, False, precision, **args).activations for s in range(4)}
-        assert len(activations) == 1  # ZeRO partitions model states, not activations
+        activations = [memory_per_rank(config, s, 8, False, precision, **args).activations for s in range(4)]
+        # ZeRO partitions model states, not activations; what changes is the batch: two passes under DDP and
+        # ZeRO-1/2, both tasks stacked into one pass under ZeRO-3 (the trainer's collator)
+        assert activations[0] == activations[1] == activations[2] == activation_bytes(config, 2, 64, 32, precision)
+        assert activations[3] == activation_bytes(config, 2, 64, 32, precision, stacked=True)
     # At world size 1 nothing is partitioned. Changed from the first planner, which counted 16 B/param at
     # ZeRO-1/2 and 2 B/param of ZeRO-3's gathered unit under bf16 (issue 22, finding 4, checked in DeepSpeed 0.19):
     # fp32: ZeRO-1/2 keep a separate fp32 master copy (4 B, a clone of the shard: stage_1_and_2.py); ZeRO-1 keeps
@@ -331,7 +335,7 @@ def test_bf16_zero1_all_reduces_its_fp32_buffer_in_bf16_after_the_backward():
 def test_zero_settings_resolve_the_shipped_jsons_as_the_trainer_does():
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    from mindmirror.runtime import bucket_elements
+    from mindmirror.runtime import bucket_elements, fill_deepspeed_sizes
 
     config = model_config("t5-v1_1-large", 32128)
     p, d = parameter_count(config), config.d_model
@@ -344,6 +348,14 @@ def test_zero_settings_resolve_the_shipped_jsons_as_the_trainer_does():
         assert s.overlap_comm == (stage > 1)
     zero3 = estimate.zero_settings(estimate.shipped_deepspeed_config(3), 3, p, d)
     assert zero3.prefetch_bucket == bucket_elements(p, d) and zero3.persistence_threshold == 10 * d  # Accelerate's
+    assert zero3.max_reuse_distance == bucket_elements(p, d)  # runtime.ZERO3_SCALED, not DeepSpeed's 1e9
+    # the same settings as the JSON the trainer fills in (runtime.fill_deepspeed_sizes) gives
+    cfg = SimpleNamespace(batch_size=4, max_grad_norm=1.0)
+    for stage in (1, 2, 3):
+        ds = estimate.shipped_deepspeed_config(stage)
+        filled = json.loads(json.dumps(ds))
+        fill_deepspeed_sizes(filled, cfg, 32, p, d)
+        assert estimate.zero_settings(ds, stage, p, d) == estimate.zero_settings(filled, stage, p, d), stage
     # keys a JSON leaves out take DeepSpeed's defaults
     for stage in (1, 2, 3):
         default, ds = estimate.zero_settings({}, stage, p, d), DeepSpeedZeroConfig(stage=stage)
@@ -426,7 +438,10 @@ def test_the_plans_the_issue_found_short_now_cover_deepspeeds_figures():
         return e.model_states / 2 ** 30, e.without_activations / 2 ** 30
 
     states, whole = planned("t5-v1_1-xxl", 3)
-    assert round(states, 1) == 23.8 and whole > 40  # + the model gathered at the end of the backward
+    # + buckets and the layers kept for reuse: one pass of the model per forward (both tasks stacked), so less
+    # than the whole bf16 model (2 B/param) stays gathered
+    p = parameter_count(model_config("t5-v1_1-xxl", 32128))
+    assert round(states, 1) == 23.8 and states < whole < states + 2 * p / 2 ** 30
     states, whole = planned("t5-v1_1-xxl", 2)
     assert round(states, 1) == 44.1 and whole > states
     states, whole = planned("t5-v1_1-xl", 1)
@@ -440,6 +455,7 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WO
 import deepspeed
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from transformers import T5ForConditionalGeneration
+from mindmirror.collate import Collator
 from mindmirror.model import model_config, untie_lm_head
 from mindmirror.objective import DistillationObjective
 
@@ -453,6 +469,7 @@ for rationale, checkpointing in ((True, False), (False, False), (True, True)):
     model = DistillationObjective(t5.train())
     engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=json.loads(sys.argv[2]))
     params, peak = list(engine.module.parameters()), [0]
+    collate = Collator(0, rationale, stacked=True)  # the trainer's ZeRO-3 batch: both tasks' rows in one pass
 
     def gathered(*_):  # parameters held whole, the small ones kept whole anyway left out
         peak[0] = max(peak[0], sum(p.ds_numel for p in params
@@ -468,12 +485,17 @@ for rationale, checkpointing in ((True, False), (False, False), (True, True)):
         m.register_forward_hook(after_forward)
     for step in range(3):  # the trace is complete (prefetching and the reuse rule on) from the second step
         peak[0] = 0
-        batches = []
-        for task in range(2 if rationale else 1):
-            g = torch.Generator().manual_seed(10 * step + task)
-            ids, dec = torch.randint(2, 500, (2, 16), generator=g), torch.randint(2, 500, (2, 8), generator=g)
-            batches += [ids, torch.ones_like(ids), dec, dec.clone()]
-        engine.backward(engine(*batches).sum())
+        g = torch.Generator().manual_seed(step)
+
+        def ids(n):
+            return torch.randint(2, 500, (n,), generator=g).tolist()
+
+        rows = [{"input_ids": ids(16), "labels": ids(8), "expl_input_ids": ids(14), "rationale_ids": ids(12)}
+                for _ in range(2)]
+        batch = collate(rows)
+        del batch["token_counts"]
+        assert batch["input_ids"].shape[0] == (4 if rationale else 2)  # with both tasks, 2B rows
+        engine.backward(engine(**batch).sum())
         engine.step()
     print("PEAK", json.dumps({"rationale": rationale, "checkpointing": checkpointing, "peak": peak[0]}), flush=True)
 '''
@@ -481,10 +503,10 @@ for rationale, checkpointing in ((True, False), (False, False), (True, True)):
 
 @pytest.mark.slow
 def test_zero3_keeps_what_the_planner_says_gathered(tmp_path):
-    """A one-process ZeRO-3 engine (fp32, gloo) on the untied tiny model and the distillation objective: the
-    most parameters held whole at once, from DeepSpeed's own status flags, against :func:`_zero3_gathered`.
-    (At world size 1 a gather aliases the shard, so this measures the bookkeeping, which is the same at any
-    world size; with two processes on t5-v1_1-small the figures were the same.)"""
+    """A one-process ZeRO-3 engine (fp32, gloo) on the untied tiny model and the distillation objective, fed the
+    batches the trainer builds under ZeRO-3 (both tasks' rows stacked, one pass of the model): the most parameters
+    held whole at once, from DeepSpeed's own status flags, against :func:`_zero3_gathered`. (At world size 1 a
+    gather aliases the shard, so this measures the bookkeeping, which is the same at any world size.)"""
     from mindmirror.launching import free_port
     from mindmirror.runtime import bucket_elements
 
@@ -506,17 +528,15 @@ def test_zero3_keeps_what_the_planner_says_gathered(tmp_path):
     peaks = {(r["rationale"], r["checkpointing"]): r["peak"] for r in records}
     assert len(peaks) == 3, proc.stdout[-3000:]
 
-    def planned(rationale, checkpointing):
-        return estimate._zero3_gathered(config, whole, settings, rationale, checkpointing, aliased=False)
-
-    # two forward passes a step: the whole model ends the backward gathered (the first pass's backward
-    # never releases), however short the reuse distance
-    assert peaks[True, False] == planned(True, False)[1] == whole
-    # one forward pass: the reuse rule releases all but the layers near the turn into the backward
+    planned = estimate._zero3_gathered(config, whole, settings, aliased=False)
     u = estimate.largest_layer_params(config)
-    assert u <= peaks[False, False] <= planned(False, False)[0] < whole
-    # with gradient checkpointing the recomputed blocks release again; the embedding and lm_head stay
-    assert 2 * u <= peaks[True, True] < whole and peaks[True, True] <= planned(True, True)[1]
+    assert u <= planned < whole  # the reuse rule releases all but the layers near the turn into the backward
+    # both tasks stacked: one pass, so each module's backward releases it (two passes kept the whole model
+    # gathered: tests/test_zero_memory.py), and 2B rows gather what one task's B rows gather
+    assert u <= peaks[True, False] <= planned
+    assert peaks[True, False] == peaks[False, False]
+    # with gradient checkpointing the blocks are gathered again for their recomputation, within the same figure
+    assert u <= peaks[True, True] <= planned
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,19 +545,36 @@ def test_zero3_keeps_what_the_planner_says_gathered(tmp_path):
 ANSWER, RATIONALE, ROWS = (32, 16), (32, 48), 4  # (encoder, decoder) lengths of the two tasks
 
 
-def distillation_batch(vocab=500):
+def distillation_batch(vocab=500, stacked=False):
+    """Both tasks' tensors as two passes (DDP, ZeRO-1/2), or ``stacked`` as the trainer's collator builds them under
+    ZeRO-3: the same rows in one set of tensors, answers first, padded to the rationale's decoder length."""
     answer = task_batch(ROWS, *ANSWER, vocab, seed=3)
     rationale = task_batch(ROWS, *RATIONALE, vocab, seed=4)
-    return answer + rationale
+    if not stacked:
+        return answer + rationale
+
+    def rows(ids, mask, _, labels):  # the rows' real tokens, as the data set holds them
+        return [i[m.bool()].tolist() for i, m in zip(ids, mask)], [t[t != -100].tolist() for t in labels]
+
+    (inputs, labels), (expl_inputs, rationales) = rows(*answer), rows(*rationale)
+    batch = Collator(0, True, stacked=True)({"input_ids": inputs, "labels": labels, "expl_input_ids": expl_inputs,
+                                              "rationale_ids": rationales})
+    del batch["token_counts"]
+    assert batch["labels"].shape == (2 * ROWS, RATIONALE[1]) and batch["input_ids"].shape[1] == ANSWER[0]
+    return batch
 
 
-def estimated(config, precision, checkpointing=False):
+def estimated(config, precision, checkpointing=False, stacked=False):
     """The estimate for ``distillation_batch`` on CPU, where attention dropout saves a mask of the compute dtype."""
     size = {"fp32": 4, "bf16": 2}[precision]
     return activation_bytes(config, ROWS, *ANSWER, precision, rationale_enc_len=RATIONALE[0],
                             rationale_dec_len=RATIONALE[1], target_tokens=ROWS * ANSWER[1] - 3,
                             rationale_target_tokens=ROWS * RATIONALE[1] - 3,
-                            gradient_checkpointing=checkpointing, dropout_mask_bytes=size)
+                            gradient_checkpointing=checkpointing, dropout_mask_bytes=size, stacked=stacked)
+
+
+def run(model, batch):
+    return model(**batch) if isinstance(batch, dict) else model(*batch)
 
 
 def saved_bytes(model, batch):
@@ -552,20 +589,21 @@ def saved_bytes(model, batch):
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(*batch)
+        run(model, batch)
     return sum(seen.values())
 
 
+@pytest.mark.parametrize("stacked", [False, True], ids=["two passes", "stacked"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("size", ["tiny", "t5-v1_1-small"])
-def test_activation_estimate_matches_saved_tensors(size, precision, tok):
+def test_activation_estimate_matches_saved_tensors(size, precision, stacked, tok):
     t5 = t5_for(size, tok)
     if precision == "bf16":
         t5 = t5.to(torch.bfloat16)  # as DeepSpeed's bf16 mode runs it (no autocast)
     assert (t5.config.dropout_rate > 0) == (size != "tiny")  # small exercises the dropout masks
-    measured = saved_bytes(DistillationObjective(t5), distillation_batch())
+    measured = saved_bytes(DistillationObjective(t5), distillation_batch(stacked=stacked))
     # Exact but for scalars; the brief allowed 25%.
-    assert estimated(t5.config, precision) == pytest.approx(measured, rel=1e-4)
+    assert estimated(t5.config, precision, stacked=stacked) == pytest.approx(measured, rel=1e-4)
 
 
 class LiveStorages(TorchDispatchMode):
@@ -588,25 +626,31 @@ class LiveStorages(TorchDispatchMode):
 
 
 @pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated:FutureWarning")
+@pytest.mark.parametrize("stacked", [False, True], ids=["two passes", "stacked"])
 @pytest.mark.parametrize("size", ["tiny", "t5-v1_1-small"])
-def test_gradient_checkpointing_keeps_what_the_estimate_says(size, tok):
+def test_gradient_checkpointing_keeps_what_the_estimate_says(size, stacked, tok):
     t5 = t5_for(size, tok)
     t5.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model, batch = DistillationObjective(t5), distillation_batch()
-    # Checkpointed blocks save their tensors through torch's own hooks, so count what stays alive instead.
-    with LiveStorages({p.untyped_storage().data_ptr() for p in model.parameters()}) as live:
-        out = model(*batch)
-    inputs = sum(t.untyped_storage().nbytes() for t in batch[0::4] + batch[2::4])  # token ids, kept for backward
+    model, batch = DistillationObjective(t5), distillation_batch(stacked=stacked)
+    # Checkpointed blocks save their tensors through torch's own hooks, so count what stays alive instead: what the
+    # forward creates (not the parameters, nor the batch, whose labels a view would otherwise count) and the token ids
+    tensors = list(model.parameters()) + list(batch.values() if stacked else batch)
+    with LiveStorages({t.untyped_storage().data_ptr() for t in tensors}) as live:
+        out = run(model, batch)
+    token_ids = [batch["input_ids"], batch["decoder_input_ids"]] if stacked else batch[0::4] + batch[2::4]
+    inputs = sum(t.untyped_storage().nbytes() for t in token_ids)  # token ids, kept for backward
     kept = sum(live.live.values()) + inputs
     del out
 
     config = t5.config
-    full, checkpointed = estimated(config, "fp32"), estimated(config, "fp32", checkpointing=True)
-    assert checkpointed < full / 3
+    full = estimated(config, "fp32", stacked=stacked)
+    checkpointed = estimated(config, "fp32", checkpointing=True, stacked=stacked)
+    assert checkpointed < full / (2 if stacked else 3)  # stacked: the block recomputed at a time has all 2B rows
     # the estimate = what stays alive + one block's activations, recomputed at a time in the backward pass
     drop = config.dropout_rate > 0
-    one_block = max(estimate._task_activations(config, ROWS, enc, dec, ROWS * dec - 3, 4, 4, drop)["block"]
-                    for enc, dec in (ANSWER, RATIONALE))
+    shapes = [(2 * ROWS, *RATIONALE)] if stacked else [(ROWS, *ANSWER), (ROWS, *RATIONALE)]
+    one_block = max(estimate._task_activations(config, rows, enc, dec, ROWS * dec - 3, 4, 4, drop)["block"]
+                    for rows, enc, dec in shapes)
     assert checkpointed - one_block == pytest.approx(kept, rel=1e-3)
 
 
