@@ -331,23 +331,29 @@ AUTO_ZERO3 = {"gradient_clipping": "auto", "train_micro_batch_size_per_gpu": "au
                  {"gradient_clipping": 0.7, "train_micro_batch_size_per_gpu": 4, "train_batch_size": 32,
                   "zero_optimization": {"stage": 3, "reduce_bucket_size": 4_812_500,
                                         "stage3_prefetch_bucket_size": 4_812_500,
-                                        "stage3_param_persistence_threshold": "auto"}},  # not this function's
+                                        "stage3_param_persistence_threshold": "auto",  # not this function's
+                                        # absent keys sized like the buckets, not DeepSpeed's 1e9 (ZERO3_SCALED)
+                                        "stage3_max_live_parameters": 4_812_500,
+                                        "stage3_max_reuse_distance": 4_812_500, "sub_group_size": 4_812_500}},
                  id="all-auto"),
     pytest.param(AUTO_ZERO3, 2, 0.0, 4, 1_000, 16,  # clipping off; the bucket's lower clamp
                  {"gradient_clipping": 0.0, "train_micro_batch_size_per_gpu": 2, "train_batch_size": 4,
                   "zero_optimization": {"stage": 3, "reduce_bucket_size": 256, "stage3_prefetch_bucket_size": 256,
-                                        "stage3_param_persistence_threshold": "auto"}},
+                                        "stage3_param_persistence_threshold": "auto", "stage3_max_live_parameters": 256,
+                                        "stage3_max_reuse_distance": 256, "sub_group_size": 256}},
                  id="auto-small-model"),
     pytest.param({"gradient_clipping": 0.5, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto",
                   "zero_optimization": {"stage": 2, "reduce_bucket_size": 200_000_000}}, 8, 1.0, 64, 77_000_000, 512,
                  {"gradient_clipping": 0.5, "train_micro_batch_size_per_gpu": 8, "train_batch_size": 64,
                   "zero_optimization": {"stage": 2, "reduce_bucket_size": 200_000_000}},
                  id="explicit-numbers-kept"),
-    pytest.param({"zero_optimization": {"stage": 3, "reduce_bucket_size": 1e7, "stage3_prefetch_bucket_size": "auto"}},
+    pytest.param({"zero_optimization": {"stage": 3, "reduce_bucket_size": 1e7, "stage3_prefetch_bucket_size": "auto",
+                                        "stage3_max_reuse_distance": 1e9}},  # a number the JSON names is kept
                  1, 1.0, 2, 11_000_000_000, 1024,
                  {"train_micro_batch_size_per_gpu": 1, "train_batch_size": 2,
                   "zero_optimization": {"stage": 3, "reduce_bucket_size": 1e7,
-                                        "stage3_prefetch_bucket_size": 500_000_000}},
+                                        "stage3_prefetch_bucket_size": 500_000_000, "stage3_max_reuse_distance": 1e9,
+                                        "stage3_max_live_parameters": 500_000_000, "sub_group_size": 500_000_000}},
                  id="mixed-upper-clamp"),
     pytest.param({"train_micro_batch_size_per_gpu": 16, "train_batch_size": 128}, 3, 1.0, 24, 10, 16,
                  # the batch sizes are always the trainer's (no DataLoader goes through prepare())
