@@ -51,6 +51,7 @@ def common_trainer_args(args) -> list[str]:
             "--alpha", "0.5", "--max_steps", str(args.steps), "--eval_steps", "0", "--logging_steps", "1",
             "--max_eval_samples", "4", "--max_test_samples", "4", "--gen_max_len", "4", "--report_to", "none",
             "--lr_scheduler", "constant", "--warmup_ratio", "0", "--max_grad_norm", "1.0",
+            "--position_bias_lr_scale", "1",  # one rate for every weight, as the baseline's Trainer
             "--vocab_size", str(args.vocab_size), "--subsample", str(args.subsample)] + \
         (["--bf16"] if args.bf16 else []) + (["--data_dir", args.data_dir] if args.data_dir else [])
 

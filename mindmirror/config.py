@@ -18,10 +18,16 @@ from pathlib import Path
 
 from mindmirror import runfiles
 from mindmirror.data.registry import DATASETS, LABEL_TYPES, MODEL_TYPES, SELF_EVAL
-from mindmirror.model import SIZES
+from mindmirror.model import SIZES, builds_from_config
 
 SCHEDULERS = ("constant", "linear", "cosine")
 
+
+# T5's only position information is its relative position-bias tables, and AdamW moves each entry by about the
+# learning rate per step: at 2e-3 with warm-up and linear decay the embedded default's 1,176 steps move an entry by
+# at most ~1.2 in all, too little for a model trained from scratch to single out a neighbouring token (README,
+# "The embedded default"). Ten times the rate gives the tables the range within the first epochs.
+AUTO_POSITION_BIAS_LR_SCALE = 10.0
 
 def _arg(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
@@ -79,6 +85,12 @@ class TrainConfig:
                                        "(the original code used constant).")
     warmup_ratio: float = _arg(0.05, "Fraction of the optimizer steps spent warming the lr up from 0.")
     weight_decay: float = _arg(0.0, "AdamW weight decay.")
+    position_bias_lr_scale: float = _arg(0.0, "Learning-rate multiplier of T5's relative position-bias tables (an "
+                                              "AdamW group of their own, not decayed); 0: "
+                                              f"{AUTO_POSITION_BIAS_LR_SCALE:g} for a model that starts from random "
+                                              "weights (size names, --random_init), 1 for loaded weights (a "
+                                              "pretrained model, --init_from, --continue_train). See README, "
+                                              "'The embedded default'.")
     max_grad_norm: float = _arg(1.0, "Gradient clipping norm (0: no clipping).")
     gradient_checkpointing: bool = _arg(False, "Recompute activations in the backward pass to save memory.")
     max_target_length: int = _arg(256, "Labels and rationales are truncated to this many tokens.")
@@ -147,6 +159,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum_steps", "max_input_length", "max_target_length", "gen_max_len"):
             if getattr(self, name) < 1:
                 bad(f"--{name} must be at least 1")
+        if self.position_bias_lr_scale < 0:
+            bad(f"--position_bias_lr_scale must be at least 0 (0: automatic), got {self.position_bias_lr_scale}")
         if self.eval_batch_size < 0:
             bad(f"--eval_batch_size must be at least 1 (0: 4 x --batch_size), got {self.eval_batch_size}")
         if not 0.0 < self.subsample <= 1.0:
@@ -175,6 +189,14 @@ class TrainConfig:
             if os.environ.get("RANK", "0") == "0":  # the console of the main process (before logging is set up)
                 sys.stderr.write(line + "\n")
         return self
+
+
+def position_bias_lr_scale(cfg: TrainConfig) -> float:
+    """``--position_bias_lr_scale`` resolved: as given, or for 0 the automatic choice (random weights or loaded)."""
+    if cfg.position_bias_lr_scale > 0:
+        return cfg.position_bias_lr_scale
+    starts_random = builds_from_config(cfg.from_pretrained, cfg.random_init) and not cfg.init_from
+    return AUTO_POSITION_BIAS_LR_SCALE if starts_random else 1.0
 
 
 def default_output_dir(cfg: TrainConfig, **override) -> Path:

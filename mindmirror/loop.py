@@ -383,7 +383,8 @@ class Trainer:
         or start afresh; only then write the run's config, skipped-record list and log file."""
         run = self.run
         if self.cfg.resume:
-            order = [name for group in param_groups(run.accelerator.unwrap_model(run.model)) for name, _ in group]
+            order = [name for group in param_groups(run.accelerator.unwrap_model(run.model), self.cfg)
+                     for name, _ in group]
             self.state.load_state_dict(checkpoint.resume(run.accelerator, run.out, run.layout, run.model,
                                                          run.optimizer, run.scheduler, order))
         logs.write_to(run.out / runfiles.LOG)

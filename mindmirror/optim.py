@@ -7,7 +7,7 @@ import math
 import torch
 from accelerate.utils import DummyOptim
 
-from mindmirror.config import TrainConfig
+from mindmirror.config import TrainConfig, position_bias_lr_scale
 
 
 def lr_lambda(cfg: TrainConfig, total_steps: int):
@@ -31,18 +31,30 @@ def no_decay(name: str) -> bool:
     return name.endswith("bias") or "layer_norm" in name
 
 
-def param_groups(model) -> list[list[tuple[str, torch.nn.Parameter]]]:
-    """The trainable (name, parameter) pairs of AdamW's two groups, in order: decayed weights, then biases
-    and layer norms. A saved optimizer numbers its parameters in this order (elastic resume reads it so)."""
+def is_position_bias(name: str) -> bool:
+    """T5's relative position-bias tables (the first layer of the encoder and of the decoder holds one each)."""
+    return "relative_attention_bias" in name
+
+
+def param_groups(model, cfg: TrainConfig) -> list[list[tuple[str, torch.nn.Parameter]]]:
+    """The trainable (name, parameter) pairs of AdamW's groups, in order: decayed weights, biases and layer norms,
+    then, when their rate differs (:func:`mindmirror.config.position_bias_lr_scale`), the position-bias tables. A
+    saved optimizer numbers its parameters in this order (elastic resume reads it so)."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    return [[(n, p) for n, p in params if not no_decay(n)], [(n, p) for n, p in params if no_decay(n)]]
+    split = position_bias_lr_scale(cfg) != 1.0 and any(is_position_bias(n) for n, _ in params)
+    groups = [[(n, p) for n, p in params if not no_decay(n) and not (split and is_position_bias(n))],
+              [(n, p) for n, p in params if no_decay(n)]]
+    return groups + [[(n, p) for n, p in params if is_position_bias(n)]] if split else groups
 
 
 def build_optimizer(cfg: TrainConfig, model, ds_config: dict | None):
     """AdamW, or DeepSpeed's optimizer (a DummyOptim placeholder) when its JSON names one."""
-    decayed, not_decayed = param_groups(model)
+    decayed, not_decayed, *position_bias = param_groups(model, cfg)
     groups = [{"params": [p for _, p in decayed], "weight_decay": cfg.weight_decay},
               {"params": [p for _, p in not_decayed], "weight_decay": 0.0}]
+    if position_bias:  # the schedule scales each group's own lr
+        groups.append({"params": [p for _, p in position_bias[0]], "weight_decay": 0.0,
+                       "lr": cfg.lr * position_bias_lr_scale(cfg)})
     if ds_config and "optimizer" in ds_config:
         return DummyOptim(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     fused = {"fused": True} if torch.cuda.is_available() else {"foreach": True}

@@ -13,7 +13,7 @@ import torch
 from accelerate.utils import DummyOptim
 from transformers import T5Config, T5ForConditionalGeneration
 
-from mindmirror.config import TrainConfig
+from mindmirror.config import TrainConfig, position_bias_lr_scale
 from mindmirror.model import untie_lm_head
 from mindmirror.optim import build_optimizer, lr_lambda, no_decay, param_groups
 from mindmirror.runfiles import earlier_stages, format_table, stage_cost
@@ -198,7 +198,7 @@ def test_param_groups(build, frozen, decayed, not_decayed):
     for name, p in model.named_parameters():
         if name in frozen:
             p.requires_grad_(False)
-    groups = param_groups(model)
+    groups = param_groups(model, cfg_of(position_bias_lr_scale=1.0))
     assert len(groups) == 2
     assert [n for n, _ in groups[0]] == decayed
     assert [n for n, _ in groups[1]] == not_decayed
@@ -213,7 +213,7 @@ def test_param_groups(build, frozen, decayed, not_decayed):
 
 def test_hand_made_frozen_params_are_in_neither_group():
     model = HandMade()
-    names = {n for group in param_groups(model) for n, _ in group}
+    names = {n for group in param_groups(model, cfg_of()) for n, _ in group}
     assert {n for n, _ in model.named_parameters()} == names | HAND_FROZEN
     assert not names & HAND_FROZEN
 
@@ -222,7 +222,7 @@ def test_tied_t5_embedding_is_listed_once():
     """A tied lm_head shares ``shared.weight``: named_parameters() lists it once, and so do the groups."""
     model = built_t5()
     assert model.lm_head.weight is model.shared.weight
-    decayed, not_decayed = param_groups(model)
+    decayed, not_decayed = param_groups(model, cfg_of(position_bias_lr_scale=1.0))
     assert [n for n, _ in decayed] == [n for n in T5_DECAYED if n != "lm_head.weight"]
     assert [n for n, _ in not_decayed] == T5_NOT_DECAYED
 
@@ -234,7 +234,7 @@ def test_tied_t5_embedding_is_listed_once():
 @pytest.mark.parametrize("weight_decay", [0.0, 0.01, 0.1])
 def test_build_optimizer_adamw(build, decayed, not_decayed, weight_decay):
     model = build()
-    cfg = cfg_of(weight_decay=weight_decay, lr=2e-4)
+    cfg = cfg_of(weight_decay=weight_decay, lr=2e-4, position_bias_lr_scale=1.0)
     opt = build_optimizer(cfg, model, None)
     assert isinstance(opt, torch.optim.AdamW)
     params = dict(model.named_parameters())
@@ -249,7 +249,7 @@ def test_build_optimizer_adamw(build, decayed, not_decayed, weight_decay):
                                        {"optimizer": {}, "zero_optimization": {"stage": 3}}])
 def test_build_optimizer_deepspeed_placeholder(ds_config):
     model = HandMade()
-    opt = build_optimizer(cfg_of(weight_decay=0.05, lr=1e-3), model, ds_config)
+    opt = build_optimizer(cfg_of(weight_decay=0.05, lr=1e-3), model, ds_config)  # no position bias: two groups
     assert isinstance(opt, DummyOptim)
     assert opt.lr == 1e-3 and opt.weight_decay == 0.05
     params = dict(model.named_parameters())
@@ -257,6 +257,50 @@ def test_build_optimizer_deepspeed_placeholder(ds_config):
     assert g0["weight_decay"] == 0.05 and g1["weight_decay"] == 0.0
     assert [id(p) for p in g0["params"]] == [id(params[n]) for n in HAND_DECAYED]
     assert [id(p) for p in g1["params"]] == [id(params[n]) for n in HAND_NOT_DECAYED]
+
+
+@pytest.mark.parametrize("flags, scale", [
+    ({}, 10.0),  # tiny is built from its config: random weights
+    ({"init_from": "runs/stage1/best"}, 1.0),  # loaded weights (--init_from, --continue_train)
+    ({"from_pretrained": "google/t5-v1_1-base"}, 1.0),  # pretrained
+    ({"from_pretrained": "google/t5-v1_1-base", "random_init": True}, 10.0),
+    ({"from_pretrained": "google/t5-v1_1-base", "position_bias_lr_scale": 3.0}, 3.0),  # as given
+    ({"position_bias_lr_scale": 1.0}, 1.0),
+])
+def test_position_bias_lr_scale_is_automatic_for_random_weights(flags, scale):
+    assert position_bias_lr_scale(cfg_of(**flags)) == scale
+
+
+@pytest.mark.parametrize("ds_config", [None, {"optimizer": {"type": "AdamW", "params": {"lr": "auto"}}}])
+def test_position_bias_tables_get_their_own_group_and_rate(ds_config):
+    """With a scale other than 1 the relative position-bias tables leave the decayed group for a third one at
+    lr x scale with no decay; every other parameter stays where it was, in the same order."""
+    model = tiny_t5()
+    bias = ["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight",
+            "decoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    decayed, not_decayed, tables = param_groups(model, cfg_of(position_bias_lr_scale=4.0))
+    assert [n for n, _ in tables] == bias
+    assert [n for n, _ in decayed] == [n for n in T5_DECAYED if n not in bias]
+    assert [n for n, _ in not_decayed] == T5_NOT_DECAYED
+    opt = build_optimizer(cfg_of(position_bias_lr_scale=4.0, lr=1e-3, weight_decay=0.1), model, ds_config)
+    groups = opt.params if isinstance(opt, DummyOptim) else opt.param_groups
+    assert len(groups) == 3 and groups[2]["lr"] == pytest.approx(4e-3) and groups[2]["weight_decay"] == 0.0
+    params = dict(model.named_parameters())
+    assert [id(p) for p in groups[2]["params"]] == [id(params[n]) for n in bias]
+    assert "lr" not in groups[0] or groups[0]["lr"] == 1e-3
+
+
+def test_the_schedule_scales_the_position_bias_rate_with_the_others():
+    model = tiny_t5()
+    cfg = cfg_of(position_bias_lr_scale=10.0, lr=1e-3, warmup_ratio=0.5, lr_scheduler="linear")
+    opt = build_optimizer(cfg, model, None)
+    factor, _ = lr_lambda(cfg, 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    for _ in range(4):
+        opt.step()
+        scheduler.step()
+    lrs = [g["lr"] for g in opt.param_groups]
+    assert lrs[0] == lrs[1] and lrs[2] == pytest.approx(10 * lrs[0]) and 0 < lrs[0] < 1e-3
 
 
 @pytest.mark.parametrize("ds_config", [{}, {"zero_optimization": {"stage": 2}}, {"scheduler": {"type": "WarmupLR"}}])
