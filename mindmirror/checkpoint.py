@@ -237,8 +237,9 @@ def export_model(accelerator, model, tokenizer, folder: Path, extra: dict | None
     module, so the main process reads its own; under ZeRO-3 the shards are gathered a module at a time (a
     collective that every rank joins) and streamed into ``model.safetensors`` (:func:`write_gathered`), so
     no rank ever holds the whole model."""
-    plugin = accelerator.state.deepspeed_plugin
-    zero3 = plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+    from mindmirror.runtime import is_zero3  # Accelerate's import, only when a run exports
+
+    zero3 = is_zero3(accelerator)
     t5 = accelerator.unwrap_model(model).t5
     tied = set(getattr(t5, "all_tied_weights_keys", {}))  # copies of `shared`, restored on load
     tmp = folder.with_name(f".tmp-{folder.name}")

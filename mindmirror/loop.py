@@ -191,9 +191,10 @@ def setup(cfg: TrainConfig) -> Run:
     lengths = grouping_lengths(row_lengths)
     with_rationale = cfg.model_type != "standard"
     on_gpu = accelerator.device.type == "cuda"
+    zero3 = runtime.is_zero3(accelerator)
     # Under ZeRO-3 both tasks' rows go through the model in one pass (a module called twice stays gathered).
     collate = Collator(tokenizer.pad_token_id, with_rationale, cfg.pad_to_multiple_of or (8 if on_gpu else 1),
-                       pin_memory=on_gpu, stacked=runtime.zero_stage(runtime.deepspeed_config(accelerator)) == 3)
+                       pin_memory=on_gpu, stacked=zero3)
     cfg = fit_batch_to_data(cfg, len(lengths), world)
     global_batch = cfg.batch_size * cfg.grad_accum_steps * world
     steps_per_epoch = len(lengths) // global_batch
@@ -203,8 +204,7 @@ def setup(cfg: TrainConfig) -> Run:
     mem_before_model = peak_memory_mb()  # the scaling study sets the model's share against the estimate
     # ZeRO-3 with Accelerate's zero3_init_flag (its default under ZeRO-3) builds a size-named model partitioned, so no
     # rank ever holds it whole; with the flag off it is built whole, with the initial weights of a run without ZeRO.
-    plugin = accelerator.state.deepspeed_plugin
-    partitioned = plugin is not None and plugin.is_zero3_init_enabled()  # Accelerate clears the flag below ZeRO-3
+    partitioned = zero3 and accelerator.state.deepspeed_plugin.is_zero3_init_enabled()
     model = DistillationObjective(load_model(cfg.from_pretrained, tokenizer, cfg.random_init, cfg.init_from,
                                              cfg.vocab_size, partitioned=partitioned))
     if partitioned:
@@ -233,7 +233,7 @@ def setup(cfg: TrainConfig) -> Run:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         accelerator.register_for_checkpointing(scheduler)
     stage = runtime.zero_stage(ds_config)
-    if stage == 3:
+    if zero3:
         freed = runtime.share_fp32_masters(model)
         if freed:
             log.info(f"rank {accelerator.process_index}: ZeRO-3's fp32 master weights are the parameter partitions "
@@ -241,7 +241,7 @@ def setup(cfg: TrainConfig) -> Run:
     mem_built = peak_memory_mb()  # the model's and DeepSpeed's share, before any step (summary.json)
     precision = str(runtime.ds_precision(ds_config) or accelerator.mixed_precision)
     t5_params = list(accelerator.unwrap_model(model).t5.parameters())
-    if stage == 3:  # show that parameters really are partitioned: each rank holds a share
+    if zero3:  # show that parameters really are partitioned: each rank holds a share
         held = sum(p.ds_tensor.numel() for p in t5_params if hasattr(p, "ds_tensor"))
         log.info(f"rank {accelerator.process_index}: ZeRO-3 holds {held} of {parameters} parameter elements")
     if accelerator.is_main_process:
@@ -578,8 +578,8 @@ class Trainer:
                     run.t5, run.tokenizer, run.tables["valid"], family=DATASETS[self.cfg.dataset].family,
                     kind=run.metric_kind, model_type=self.cfg.model_type, device=self.accelerator.device,
                     batch_size=eval_batch_size(self.cfg), gen_max_len=self.cfg.gen_max_len, rationales=False,
-                    world=run.world, rank=self.accelerator.process_index, synced_gpus=run.layout.zero_stage == 3,
-                    between_batches=self.between_eval_batches)
+                    world=run.world, rank=self.accelerator.process_index,
+                    synced_gpus=runtime.is_zero3(self.accelerator), between_batches=self.between_eval_batches)
         except evaluate.EvaluationStopped as stopped:
             self.save_and_stop(f"during the evaluation of step {state.step} ({stopped}; the resumed run repeats it)")
         state.evaluation_pending = False
@@ -736,7 +736,7 @@ def test_best_model(run: Run, between_batches=None) -> tuple[float, list[dict]]:
     cfg, accelerator, best = run.cfg, run.accelerator, run.out / runfiles.BEST
     tokenizer = AutoTokenizer.from_pretrained(best)
     t5 = run.t5
-    partitioned = any(hasattr(p, "ds_id") for p in t5.parameters())
+    partitioned = runtime.is_zero3(accelerator)
     if partitioned:
         load_partitioned(t5, best, run.is_main)
     else:
