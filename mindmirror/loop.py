@@ -35,7 +35,7 @@ import torch
 from accelerate.utils import DummyScheduler, set_seed
 from tqdm.auto import tqdm
 
-from mindmirror import checkpoint, elastic, estimate, evaluate, logs, runfiles, runtime
+from mindmirror import checkpoint, elastic, estimate, evaluate, logs, runfiles, runtime, weights
 from mindmirror.collate import Collator, grouping_lengths, rank_micro_batches, step_batches
 from mindmirror.config import TrainConfig
 from mindmirror.data.loader import TOKEN_COLUMNS, load_data, token_lengths
@@ -693,36 +693,6 @@ class Trainer:
 # the test of the best model
 
 
-def load_partitioned(t5, folder: Path, is_main: bool) -> None:
-    """Overwrite the ZeRO-3-partitioned ``t5`` with the weights of the export in ``folder``, a tensor at a time.
-
-    The main process reads each tensor (only it needs to see ``folder``) and DeepSpeed hands every rank its
-    shard, so besides its shards a rank holds one tensor whole at a time (the main process also its copy
-    read from the file). The gathers are collective: every rank walks the same parameters in the same order."""
-    import deepspeed
-    from safetensors import safe_open
-
-    files = {}  # on the main process: tensor name -> the file of the export holding it
-    if is_main:
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            files = {k: folder / f for k, f in json.loads(index.read_text())["weight_map"].items()}
-        else:
-            with safe_open(folder / "model.safetensors", framework="pt") as f:
-                files = dict.fromkeys(f.keys(), folder / "model.safetensors")
-    names = {}  # a tied parameter is exported under one of its names
-    for name, param in t5.named_parameters(remove_duplicate=False):
-        names.setdefault(id(param), []).append(name)
-    for name, param in t5.named_parameters():
-        with torch.no_grad(), deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            if is_main:
-                key = next((n for n in names[id(param)] if n in files), None)
-                if key is None:
-                    raise ValueError(f"{folder} holds no weights for {name}")
-                with safe_open(files[key], framework="pt") as f:  # opened per tensor: its pages are let go
-                    param.copy_(f.get_tensor(key))
-
-
 def test_best_model(run: Run, between_batches=None) -> tuple[float, list[dict]]:
     """Test accuracy of the validation-selected export, computed once; predictions to ``predictions.jsonl``.
     Also returns a few test records with the student's rationale, to show at the end. ``between_batches``:
@@ -731,16 +701,16 @@ def test_best_model(run: Run, between_batches=None) -> tuple[float, list[dict]]:
     Under ZeRO-3 the export is loaded into the training model's partitioned module (training is over) and
     generation is synced across ranks, as in validation, so no rank ever holds a whole model. Otherwise
     every rank holds the whole model anyway, and a copy is loaded from the export next to it."""
-    from transformers import AutoTokenizer, T5ForConditionalGeneration
+    from transformers import AutoTokenizer
 
     cfg, accelerator, best = run.cfg, run.accelerator, run.out / runfiles.BEST
     tokenizer = AutoTokenizer.from_pretrained(best)
     t5 = run.t5
     partitioned = runtime.is_zero3(accelerator)
     if partitioned:
-        load_partitioned(t5, best, run.is_main)
+        weights.load_partitioned(t5, best, run.is_main)
     else:
-        t5 = T5ForConditionalGeneration.from_pretrained(best).to(accelerator.device)
+        t5 = weights.load_export(best).to(accelerator.device)
     table = run.tables["test"]
     split = functools.partial(evaluate.evaluate_split, t5, tokenizer, family=DATASETS[cfg.dataset].family,
                               kind=run.metric_kind, model_type=cfg.model_type, device=accelerator.device,
