@@ -677,8 +677,8 @@ class Trainer:
         summary["stages"] = runfiles.earlier_stages(cfg.init_from) + [runfiles.stage_cost(summary)]
         if run.is_main:
             (run.out / runfiles.SUMMARY).write_text(json.dumps(summary, indent=2))
-            print_examples(examples)
-            runfiles.print_table(result_rows(summary, run.out))
+            logs.print_examples(examples)
+            runfiles.print_table(logs.result_rows(summary, run.out))
         self.vote.close()
         shut_down(accelerator)
         return summary
@@ -729,26 +729,3 @@ def test_best_model(run: Run, between_batches=None) -> tuple[float, list[dict]]:
             f.write(json.dumps({"step": json.loads((best / runfiles.EXPORT_INFO).read_text())["step"],
                                 "split": "test", "accuracy": result["accuracy"], "rows": result["rows"]}) + "\n")
     return result["accuracy"], examples
-
-
-def print_examples(records: list[dict]) -> None:
-    """Test questions with the student's rationale, its answer and the gold answer."""
-    for i, r in enumerate(records, 1):
-        lines = [f"test question {i}: {' '.join(r['input'].split())}"]
-        if r.get("rationale") is not None:
-            lines.append(f"  student's rationale: {r['rationale']}")
-        lines.append(f"  student's answer: {r['prediction']}   gold: {r['gold']}   "
-                     f"{'right' if r['correct'] else 'wrong'}")
-        print("\n".join(lines), flush=True)
-
-
-def result_rows(summary: dict, out: Path) -> list[tuple[str, object]]:
-    """The table printed at the end of a run."""
-    return [("model", summary["model"]), ("dataset / model type", f"{summary['dataset']} / {summary['model_type']}"),
-            ("steps", summary["final_step"]), ("final train loss", f"{summary['final_loss'] or float('nan'):.4f}"),
-            ("best valid accuracy", f"{summary['best_valid_accuracy']:.3f} (step {summary['best_step']})"),
-            ("test accuracy (best model)", f"{summary['test_accuracy']:.3f}"),
-            ("train samples/s", f"{summary['train_samples_per_s']:.1f}"), ("wall time", f"{summary['wall_s']:.0f} s"),
-            ("processes / ZeRO / precision", f"{summary['world_size']} / {summary['zero_stage']} / "
-                                             f"{summary['mixed_precision']}"),
-            ("outputs", str(out))]
