@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import time
 from pathlib import Path
 
-import torch
-
 from mindmirror import elastic
 from mindmirror.model import save_tokenizer
 from mindmirror.runfiles import BEST, CHECKPOINTS, EXPORT_INFO
+from mindmirror.weights import write_gathered
 
 log = logging.getLogger(__name__)
 STATE_FILE, MANIFEST = "trainer_state.json", "manifest.json"
@@ -235,10 +233,11 @@ def export_model(accelerator, model, tokenizer, folder: Path, extra: dict | None
 
     Only the main process copies the weights to host memory: without ZeRO-3 every rank holds the whole
     module, so the main process reads its own; under ZeRO-3 the shards are gathered a module at a time (a
-    collective that every rank joins) and streamed into ``model.safetensors`` (:func:`write_gathered`), so
-    no rank ever holds the whole model."""
-    plugin = accelerator.state.deepspeed_plugin
-    zero3 = plugin is not None and plugin.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+    collective that every rank joins) and streamed into ``model.safetensors``
+    (:func:`mindmirror.weights.write_gathered`), so no rank ever holds the whole model."""
+    from mindmirror.runtime import is_zero3  # Accelerate's import, only when a run exports
+
+    zero3 = is_zero3(accelerator)
     t5 = accelerator.unwrap_model(model).t5
     tied = set(getattr(t5, "all_tied_weights_keys", {}))  # copies of `shared`, restored on load
     tmp = folder.with_name(f".tmp-{folder.name}")
@@ -261,62 +260,6 @@ def export_model(accelerator, model, tokenizer, folder: Path, extra: dict | None
             (tmp / EXPORT_INFO).write_text(json.dumps(extra, indent=2))
         replace_folder(tmp, folder)
     accelerator.wait_for_everyone()
-
-
-SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "float64": "F64", "int64": "I64",
-                      "int32": "I32", "int8": "I8", "uint8": "U8", "bool": "BOOL"}
-
-
-def write_gathered(module, path: Path | None, skip: set[str] = frozenset()) -> None:
-    """Write a ZeRO-3-partitioned ``module``'s weights (parameters, each shared one under its first name, and
-    persistent buffers; names in ``skip`` left out) into one safetensors file at ``path``, given on the main
-    process only, the same file ``save_pretrained`` writes from a consolidated state dict.
-
-    Every rank calls it (each gather is a collective; every rank walks the same modules in the same order). The
-    header is known from the parameters' shapes before any gather, so the main process writes each module's
-    tensors as it gathers them: besides its shards, a rank holds one module's parameters whole at a time."""
-    import deepspeed
-
-    entries, seen = [], set()  # (name, module, attribute, is a parameter) in file order
-    for prefix, sub in module.named_modules():
-        for attr, p in sub.named_parameters(recurse=False):
-            name = f"{prefix}.{attr}" if prefix else attr
-            if id(p) not in seen and name not in skip:
-                seen.add(id(p))
-                entries.append((name, sub, attr, True))
-        for attr, b in sub.named_buffers(recurse=False):
-            name = f"{prefix}.{attr}" if prefix else attr
-            if b is not None and attr not in sub._non_persistent_buffers_set and name not in skip:
-                entries.append((name, sub, attr, False))
-    f = None
-    if path is not None:
-        header, offset = {}, 0
-        for name, sub, attr, is_param in entries:
-            t = getattr(sub, attr)
-            shape = list(getattr(t, "ds_shape", t.shape))
-            size = math.prod(shape) * t.element_size()
-            header[name] = {"dtype": SAFETENSORS_DTYPES[str(t.dtype).removeprefix("torch.")], "shape": shape,
-                            "data_offsets": [offset, offset + size]}
-            offset += size
-        header["__metadata__"] = {"format": "pt"}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
-        f = open(path, "wb")
-        f.write(len(raw).to_bytes(8, "little") + raw)
-    try:
-        by_module: dict[int, list] = {}
-        for entry in entries:
-            by_module.setdefault(id(entry[1]), []).append(entry)
-        for group in by_module.values():
-            params = [getattr(sub, attr) for _, sub, attr, is_param in group if is_param]
-            with deepspeed.zero.GatheredParameters(params):  # read only: released again on exit
-                if f is not None:
-                    for _, sub, attr, _ in group:
-                        tensor = getattr(sub, attr).detach().cpu().contiguous()
-                        f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
-    finally:
-        if f is not None:
-            f.close()
 
 
 def say_what_is_tied(config_file: Path, t5) -> None:

@@ -17,16 +17,7 @@ own files are read directly, one parameter at a time from memory-mapped files, s
 parameter's state beyond what training holds (without DeepSpeed, as in Accelerate's own load, the
 optimizer state is also copied once while it is set).
 
-Reading (:class:`SavedState`):
-
-- no DeepSpeed: ``model.safetensors`` (weights by name) and ``optimizer.bin`` (moments by index: the
-  i-th parameter of ``build_optimizer``'s groups in order, given as ``optimizer_order``);
-- ZeRO-1/2: every rank's ``*_optim_states.pt`` holds one slice of each parameter group's flat fp32
-  vector and of its flat moments; the slices of all ranks, concatenated, hold the group's parameters
-  in the order of ``param_shapes`` (``mp_rank_00_model_states.pt``), with DeepSpeed's alignment
-  paddings between them (the protocol of ``deepspeed/utils/zero_to_fp32.py``);
-- ZeRO-3: each parameter is cut into one equal, zero-padded piece per rank; a rank's flat groups hold
-  its pieces of every parameter in ``param_shapes`` order.
+Reading is :class:`mindmirror.weights.SavedState`, which also describes what each layout's files hold.
 
 Writing:
 
@@ -46,16 +37,15 @@ checkpoint written before layouts were recorded is judged by its files (:func:`i
 from __future__ import annotations
 
 import logging
-import math
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from mindmirror.weights import DS_FOLDER, SavedState, optim_shards, read_torch
+
 log = logging.getLogger(__name__)
-DS_FOLDER = "pytorch_model"  # Accelerate's tag for the DeepSpeed engine's files inside a checkpoint
 
 
 @dataclass(frozen=True)
@@ -91,181 +81,19 @@ class Layout:
         return (self.deepspeed, self.zero_stage, self.processes) == (saved.deepspeed, saved.zero_stage, saved.processes)
 
 
-def _rank_of(path: Path) -> int:
-    return int(re.search(r"rank_(\d+)", path.name).group(1))
-
-
-def _optim_shards(folder: Path) -> list[Path]:
-    """The ZeRO optimizer shards of a checkpoint, one per rank that wrote it, in rank order."""
-    return sorted((folder / DS_FOLDER).glob("*_optim_states.pt"), key=_rank_of)
-
-
 def infer_layout(folder: Path) -> Layout:
     """The layout a checkpoint's files show (precision cannot be told from them)."""
     if not (folder / DS_FOLDER).is_dir():
         return Layout(max(1, len(list(folder.glob("random_states_*.pkl")))), 0, False, "unknown")
-    shards = _optim_shards(folder)
+    shards = optim_shards(folder)
     if not shards:
         raise ValueError(f"{folder / DS_FOLDER} holds no ZeRO optimizer shards (*_optim_states.pt): DeepSpeed "
                          "without ZeRO is not supported by elastic resume")
     if list((folder / DS_FOLDER).glob("zero_pp_rank_*_model_states.pt")):
         stage = 3
     else:
-        stage = int(_load(shards[0])["optimizer_state_dict"]["zero_stage"])
+        stage = int(read_torch(shards[0])["optimizer_state_dict"]["zero_stage"])
     return Layout(len(shards), stage, True, "unknown")
-
-
-def _load(path: Path, weights_only: bool = False):
-    """A torch file, memory-mapped: tensors are read from disk only when sliced."""
-    return torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
-
-
-def _span(pieces: list[torch.Tensor], start: int, length: int) -> torch.Tensor:
-    """Elements ``start`` to ``start + length`` of the concatenation of the flat ``pieces`` (copied)."""
-    parts, offset = [], 0
-    for piece in pieces:
-        n = piece.numel()
-        lo, hi = max(start, offset), min(start + length, offset + n)
-        if lo < hi:
-            parts.append(piece.view(-1)[lo - offset:hi - offset])
-        offset += n
-    out = torch.cat(parts) if parts else torch.empty(0)
-    if out.numel() != length:
-        raise ValueError(f"the flat state ends after {out.numel()} of {length} elements: shards missing or short")
-    return out.float()
-
-
-def _step_and_keys(states) -> tuple[int, tuple[str, ...]]:
-    """Adam's step count in saved optimizer states (the largest, should entries differ) and the names of
-    their moments; ``(0, ())`` when the optimizer never stepped (its state is created at the first step)."""
-    states = list(states)
-    steps = [float(s["step"]) for s in states if "step" in s]
-    keys = {k for s in states for k, v in s.items() if k != "step" and torch.is_tensor(v)}
-    return (int(max(steps)) if steps else 0), tuple(sorted(keys))
-
-
-class SavedState:
-    """The layout-free training state of one checkpoint folder, read one parameter at a time.
-
-    ``names``: the trainable parameters it holds; ``step``: Adam's step count; ``keys``: the moments;
-    ``shapes[name]``: each parameter's shape; ``tensors(name)``: ``{"param": fp32 value, key: moment, ...}``
-    shaped as the parameter; ``span(name, start, length)``: the same for elements ``start`` to
-    ``start + length`` of the flattened parameter only, read from just the files and pages that hold them;
-    ``scheduler_state``: DeepSpeed's own lr scheduler, when its JSON named one."""
-
-    def __init__(self, folder: Path, optimizer_order: list[str]):
-        self.folder = folder
-        self.scheduler_state = None
-        if not (folder / DS_FOLDER).is_dir():
-            self._read_plain(optimizer_order)
-        elif list((folder / DS_FOLDER).glob("zero_pp_rank_*_model_states.pt")):
-            self._read_zero3()
-        else:
-            self._read_zero12()
-
-    def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        shape = self.shapes[name]
-        return {kind: t.view(shape) for kind, t in self.span(name, 0, shape.numel()).items()}
-
-    def span(self, name: str, start: int, length: int) -> dict[str, torch.Tensor]:
-        return self._span(name, start, length)
-
-    def _read_plain(self, order: list[str]) -> None:
-        from safetensors import safe_open
-
-        if not (self.folder / "model.safetensors").is_file():
-            raise ValueError(f"{self.folder} holds neither DeepSpeed shards nor model.safetensors")
-        weights = safe_open(str(self.folder / "model.safetensors"), framework="pt")
-        optimizer = _load(self.folder / "optimizer.bin", weights_only=True)
-        indices = [i for group in optimizer["param_groups"] for i in group["params"]]
-        if len(indices) != len(order):
-            raise ValueError(f"optimizer.bin holds {len(indices)} parameters, the model trains {len(order)}: "
-                             "not the model that wrote this checkpoint")
-        states = {name: optimizer["state"].get(i, {}) for name, i in zip(order, indices)}
-        self.step, self.keys = _step_and_keys(states.values())
-        self.names = list(order)
-        self.shapes = {name: torch.Size(weights.get_slice(name).get_shape()) for name in order}
-        for name in order:
-            if any(states[name][k].shape != self.shapes[name] for k in self.keys if k in states[name]):
-                raise ValueError(f"optimizer.bin's state of {name} has another shape than the weight: the "
-                                 "optimizer's parameter order is not the one this version builds")
-
-        def span(name, start, length):
-            state = weights.get_slice(name)
-            shape = self.shapes[name]
-            row = math.prod(shape[1:]) if len(shape) > 1 else 1  # safetensors slices whole rows of the first dim
-            first, last = start // row, -(-(start + length) // row)
-            value = state[first:last].reshape(-1)[start - first * row:start - first * row + length].float()
-            moments = {k: states[name][k].reshape(-1)[start:start + length].float() if k in states[name]
-                       else torch.zeros(length) for k in self.keys}  # memory-mapped: only these pages are read
-            return {"param": value, **moments}
-
-        self._span = span
-
-    def _read_zero12(self) -> None:
-        shards = [_load(p)["optimizer_state_dict"] for p in _optim_shards(self.folder)]
-        model_states = _load(self.folder / DS_FOLDER / "mp_rank_00_model_states.pt")
-        self.scheduler_state = model_states.get("lr_scheduler")
-        bases = [s["base_optimizer_state"] for s in shards]
-        if not all(isinstance(b, dict) and "state" in b for b in bases):
-            raise ValueError("a ZeRO checkpoint written with elastic_checkpoint=true is not supported")
-        self.step, self.keys = _step_and_keys(st for b in bases for st in b["state"].values())
-        paddings = shards[0].get("param_alignment_paddings")
-        spans = {}  # name -> (flat pieces of each kind, start in their concatenation, shape)
-        for g, shapes in enumerate(model_states["param_shapes"]):
-            # Only the fp32 slices are stored without the group's end padding; cut the moments to match.
-            fp32 = [s["single_partition_of_fp32_groups"][g] for s in shards]
-            pieces = {"param": fp32}
-            for key in self.keys:
-                pieces[key] = [b["state"][g][key].view(-1)[:f.numel()] for b, f in zip(bases, fp32)]
-            offset = 0
-            for k, (name, shape) in enumerate(shapes.items()):
-                spans[name] = (pieces, offset, torch.Size(shape))
-                offset += math.prod(shape) + (paddings[g][k] if paddings else 0)
-            # zero_to_fp32's check: both counts agree once aligned to 2 x ranks, as DeepSpeed pads them.
-            align = 2 * len(shards)
-            if math.ceil(offset / align) != math.ceil(sum(f.numel() for f in fp32) / align):
-                raise ValueError(f"parameter group {g} of the ZeRO shards does not match its param_shapes")
-        self.names = list(spans)
-        self.shapes = {name: shape for name, (_, _, shape) in spans.items()}
-
-        def span(name, start, length):
-            pieces, offset, _ = spans[name]
-            return {kind: _span(pieces[kind], offset + start, length) for kind in ("param", *self.keys)}
-
-        self._span = span
-
-    def _read_zero3(self) -> None:
-        shards = [_load(p)["optimizer_state_dict"] for p in _optim_shards(self.folder)]
-        model_states = _load(self.folder / DS_FOLDER / "zero_pp_rank_0_mp_rank_00_model_states.pt")
-        self.scheduler_state = model_states.get("lr_scheduler")
-        states = [s["optimizer_state_dict"]["state"] for s in shards]
-        self.step, self.keys = _step_and_keys(st for rank in states for st in rank.values())
-        world = len(shards)
-        # Each rank's flat groups of each kind, read one after another as one vector.
-        rank_pieces = [{"param": s["fp32_flat_groups"],
-                        **{key: [st[i][key] for i in range(len(s["fp32_flat_groups"]))] for key in self.keys}}
-                       for s, st in zip(shards, states)]
-        spans, offset = {}, 0  # name -> (start of its piece in every rank's vector, shape)
-        for shapes in model_states["param_shapes"]:
-            for name, shape in shapes.items():
-                spans[name] = (offset, torch.Size(shape))
-                offset += math.ceil(math.prod(shape) / world)
-        self.names = list(spans)
-        self.shapes = {name: shape for name, (_, shape) in spans.items()}
-
-        def span(name, start, length):
-            offset, shape = spans[name]
-            piece = math.ceil(shape.numel() / world)
-            ranks = range(start // piece, -(-(start + length) // piece)) if length else range(0)
-            out = {}
-            for kind in ("param", *self.keys):  # from the saved ranks whose pieces hold these elements only
-                parts = [_span(rank_pieces[r][kind], offset + max(start, r * piece) - r * piece,
-                               min(start + length, (r + 1) * piece) - max(start, r * piece)) for r in ranks]
-                out[kind] = torch.cat(parts) if parts else torch.empty(0)
-            return out
-
-        self._span = span
 
 
 def _targets(module, saved: SavedState) -> list[tuple[str, torch.nn.Parameter]]:

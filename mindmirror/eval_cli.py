@@ -24,6 +24,7 @@ from mindmirror.checkpoint import STATE_FILE, checkpoint_problem
 from mindmirror.config import TrainConfig
 from mindmirror.data.registry import DATASETS, MODEL_TYPES, SELF_EVAL
 from mindmirror.model import ModelLoadError
+from mindmirror.weights import checkpoint_state_dict, load_export
 
 
 def run_config(run_dir: Path) -> dict:
@@ -61,40 +62,17 @@ def locate(model: Path) -> tuple[str, Path]:
                          f"nor a checkpoint (<run>/checkpoints/step_N with {STATE_FILE})")
 
 
-def checkpoint_state_dict(folder: Path) -> dict:
-    """The model weights of a resumable checkpoint, consolidated from ZeRO shards where it has them."""
-    from safetensors.torch import load_file
-
-    if (folder / "model.safetensors").is_file():
-        state = load_file(str(folder / "model.safetensors"))
-    elif (folder / "pytorch_model").is_dir():  # DeepSpeed: save_checkpoint(folder, tag="pytorch_model")
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        state = get_fp32_state_dict_from_zero_checkpoint(str(folder), tag="pytorch_model")
-    else:
-        import torch
-
-        found = [p for p in ("pytorch_model.bin", "model.bin") if (folder / p).is_file()]
-        if not found:
-            raise ModelLoadError(f"{folder}: no model weights (model.safetensors, pytorch_model/ or pytorch_model.bin)")
-        state = torch.load(folder / found[0], map_location="cpu", weights_only=True)
-    return {k.removeprefix("t5."): v for k, v in state.items()}  # the trainer saves its objective wrapper
-
-
 def load(model: Path, kind: str, run: Path, cfg: TrainConfig, device, bf16: bool, tokenizer_name: str = ""):
     """(T5 model in eval mode on ``device``, tokenizer) from an export or a checkpoint; the tokenizer is
     ``tokenizer_name`` if given, else the export's own (for a checkpoint: the run's exports' or config's)."""
     import torch
-    from transformers import AutoTokenizer, T5ForConditionalGeneration
+    from transformers import AutoTokenizer
 
     from mindmirror.model import load_model, load_tokenizer
 
     if kind == "export":
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_name or model)
-        try:
-            t5 = T5ForConditionalGeneration.from_pretrained(model)
-        except OSError as e:
-            raise ModelLoadError(f"could not load {model}: {e}") from e
+        t5 = load_export(model)
     else:
         exported = next((run / n for n in (runfiles.FINAL, runfiles.BEST)
                          if (run / n / "tokenizer_config.json").is_file()), None)

@@ -6,7 +6,8 @@ per-rank save messages, Python warnings) goes, with mindmirror's lines, to ``<ou
 the full record, every rank's lines marked with its rank. ``--verbose`` brings the full stream back to
 the console. The command line calls :func:`setup` before anything is built; the loop calls
 :func:`write_to` once the run may write its folder (after the resume decision, so a refused run writes
-nothing): the records held until then go first.
+nothing): the records held until then go first. At its end a run prints a few test questions with the
+student's rationale (:func:`print_examples`) and its result table (:func:`result_rows`).
 """
 
 from __future__ import annotations
@@ -111,3 +112,26 @@ def _route_libraries(verbose: bool) -> None:
     for line in printed.getvalue().splitlines():
         if line.strip():
             ds_log.info(line)
+
+
+def print_examples(records: list[dict]) -> None:
+    """Test questions with the student's rationale, its answer and the gold answer."""
+    for i, r in enumerate(records, 1):
+        lines = [f"test question {i}: {' '.join(r['input'].split())}"]
+        if r.get("rationale") is not None:
+            lines.append(f"  student's rationale: {r['rationale']}")
+        lines.append(f"  student's answer: {r['prediction']}   gold: {r['gold']}   "
+                     f"{'right' if r['correct'] else 'wrong'}")
+        print("\n".join(lines), flush=True)
+
+
+def result_rows(summary: dict, out: Path) -> list[tuple[str, object]]:
+    """The table printed at the end of a run."""
+    return [("model", summary["model"]), ("dataset / model type", f"{summary['dataset']} / {summary['model_type']}"),
+            ("steps", summary["final_step"]), ("final train loss", f"{summary['final_loss'] or float('nan'):.4f}"),
+            ("best valid accuracy", f"{summary['best_valid_accuracy']:.3f} (step {summary['best_step']})"),
+            ("test accuracy (best model)", f"{summary['test_accuracy']:.3f}"),
+            ("train samples/s", f"{summary['train_samples_per_s']:.1f}"), ("wall time", f"{summary['wall_s']:.0f} s"),
+            ("processes / ZeRO / precision", f"{summary['world_size']} / {summary['zero_stage']} / "
+                                             f"{summary['mixed_precision']}"),
+            ("outputs", str(out))]

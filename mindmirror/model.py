@@ -41,19 +41,20 @@ def model_config(size: str, vocab_size: int):
     return T5Config(**values)
 
 
-def untie_lm_head(model):
+def untie_lm_head(model, partitioned: bool = False):
     """Give the model its own output projection, as t5-v1_1 has.
 
     transformers 5 always ties ``lm_head`` to the input embedding of a freshly built T5 (it unties
     only when a checkpoint holds both); t5-v1_1 keeps them separate and does not rescale the decoder
     output. The projection is initialised with std ``d_model ** -0.5`` (Mesh TensorFlow's choice),
-    so initial logits are of order one. On a model partitioned by ``deepspeed.zero.Init`` the new
-    projection is partitioned too: rank 0 draws the whole tensor, every rank keeps its shard.
+    so initial logits are of order one. On a model ``partitioned`` by ``deepspeed.zero.Init`` (see
+    :func:`load_model`) the new projection is partitioned too: rank 0 draws the whole tensor, every
+    rank keeps its shard.
     """
     import torch
 
     std = model.config.d_model ** -0.5
-    if hasattr(model.shared.weight, "ds_id"):  # a ZeRO-3 parameter: its data here is an empty placeholder
+    if partitioned:  # the model's parameters here are empty placeholders of their shards
         import deepspeed
         from transformers.integrations import deepspeed_config
 
@@ -143,7 +144,7 @@ def load_model(from_pretrained: str, tokenizer, random_init: bool = False, init_
         config.pad_token_id, config.eos_token_id = tokenizer.pad_token_id, tokenizer.eos_token_id
         config.decoder_start_token_id = tokenizer.pad_token_id
         build = T5ForConditionalGeneration._from_config if partitioned else T5ForConditionalGeneration
-        return faster(untie_lm_head(build(config)))
+        return faster(untie_lm_head(build(config), partitioned))
     try:
         # fp32 master weights whatever the checkpoint holds: transformers would keep a bf16 export (a DeepSpeed bf16
         # run's) in bf16, and AdamW on bf16 weights without an fp32 copy loses small updates.

@@ -75,7 +75,14 @@ def deepspeed_config(accelerator) -> dict | None:
 
 
 def zero_stage(ds_config: dict | None) -> int:
+    """The ZeRO stage the DeepSpeed JSON names (0: none, or no DeepSpeed)."""
     return ds_config.get("zero_optimization", {}).get("stage", 0) if ds_config else 0
+
+
+def is_zero3(accelerator) -> bool:
+    """Whether this launch runs DeepSpeed ZeRO stage 3, its parameters partitioned over the ranks (then every
+    rank joins each gather, and generation runs in lockstep): the one way the package asks."""
+    return zero_stage(deepspeed_config(accelerator)) == 3
 
 
 def ds_precision(ds_config: dict | None) -> str | None:

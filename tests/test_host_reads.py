@@ -25,18 +25,18 @@ import json, sys
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from mindmirror import loop
+from mindmirror import build, loop
 from mindmirror.config import parse_args
 
 if sys.argv[1] == "fused":  # the optimizer the trainer builds on a GPU (optim.build_optimizer), here on CPU
-    build = loop.build_optimizer
+    build_default = build.build_optimizer
 
     def build_fused(cfg, model, ds_config):
         groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
-                  for g in build(cfg, model, ds_config).param_groups]
+                  for g in build_default(cfg, model, ds_config).param_groups]
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
 
-    loop.build_optimizer = build_fused
+    build.build_optimizer = build_fused
 
 
 def adam_step_counter(t) -> bool:
@@ -72,23 +72,23 @@ class Bar:
         pass
 
 
-run = loop.setup(parse_args(sys.argv[2:]))
+run = build.setup(parse_args(sys.argv[2:]))
 trainer = loop.Trainer(run)
 optimizer = getattr(run.optimizer, "optimizer", run.optimizer)
 per_step = []
 with trainer:
     trainer.start()
-    for rows in trainer.step_rows():
+    for rows in trainer.epoch_rows():
         reads, copies = Reads(), Copies()
         with reads, copies:
-            micro, counts = trainer.collate_step(rows)
+            batch = trainer.collate_step(rows)
             assert not trainer.stop_agreed()
-            trainer.train_step(micro, counts, rows)
+            trainer.train_step(batch)
             trainer.maybe_log(Bar())
             trainer.vote_on_stop()
         per_step.append({"step": trainer.state.step, "reads": reads.n, "copies": copies.n})
 print("RESULT", json.dumps({"per_step": per_step, "finite": all(bool(torch.isfinite(p).all())
-                                                                for p in run.model.parameters()),
+                                                                for p in run.objective.parameters()),
                             "schedule_steps": run.scheduler.last_epoch, "nonfinite": trainer.state.nonfinite_steps}))
 '''
 

@@ -201,15 +201,15 @@ def test_every_layout_reads_the_same_state(zero2_saved, plain_saved):
     summation-order noise), and its weights are exactly those DeepSpeed's own zero_to_fp32 consolidates."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from mindmirror import elastic
-    from mindmirror.loop import param_groups
+    from mindmirror import elastic, weights
     from mindmirror.model import load_model, load_tokenizer
     from mindmirror.objective import DistillationObjective
+    from mindmirror.optim import param_groups
 
     model = DistillationObjective(load_model("tiny", load_tokenizer("", "tiny", False), False, "", 0))
     order = [name for group in param_groups(model, TrainConfig()) for name, _ in group]  # the runs' groups
-    sharded = elastic.SavedState(zero2_saved / "checkpoints" / "step_3", order)
-    plain = elastic.SavedState(plain_saved / "checkpoints" / "step_3", order)
+    sharded = weights.SavedState(zero2_saved / "checkpoints" / "step_3", order)
+    plain = weights.SavedState(plain_saved / "checkpoints" / "step_3", order)
     assert sorted(sharded.names) == sorted(order) == sorted(plain.names)
     assert sharded.step == plain.step == 3 and sharded.keys == plain.keys == ("exp_avg", "exp_avg_sq")
     for name in order:
@@ -227,15 +227,15 @@ def test_every_layout_reads_the_same_state(zero2_saved, plain_saved):
 def test_a_span_of_the_saved_state_is_that_part_of_the_whole(zero2_saved, plain_saved, zero3_saved):
     """What a ZeRO-3 rank reads on an elastic resume (its slice of each parameter, from whichever files hold it)
     is exactly that part of what reading the whole parameter gives, in every layout a checkpoint comes from."""
-    from mindmirror import elastic
-    from mindmirror.loop import param_groups
+    from mindmirror import weights
     from mindmirror.model import load_model, load_tokenizer
     from mindmirror.objective import DistillationObjective
+    from mindmirror.optim import param_groups
 
     model = DistillationObjective(load_model("tiny", load_tokenizer("", "tiny", False), False, "", 0))
     order = [name for group in param_groups(model, TrainConfig()) for name, _ in group]  # the runs' groups
     for saved in (zero2_saved, plain_saved, zero3_saved):
-        state = elastic.SavedState(saved / "checkpoints" / "step_3", order)
+        state = weights.SavedState(saved / "checkpoints" / "step_3", order)
         for name in order:
             whole = {kind: t.reshape(-1) for kind, t in state.tensors(name).items()}
             n = whole["param"].numel()
