@@ -29,6 +29,7 @@ SCHEDULERS = ("constant", "linear", "cosine")
 # "The embedded default"). Ten times the rate gives the tables the range within the first epochs.
 AUTO_POSITION_BIAS_LR_SCALE = 10.0
 
+
 def _arg(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
