@@ -129,7 +129,7 @@ class TrainConfig:
                                 "<output_dir>/log.txt).")
 
     # -----------------------------------------------------------------------------------------
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Fill derived values and reject bad ones with a message that says what to do."""
         def bad(msg):
             raise ValueError(msg)

@@ -164,7 +164,7 @@ def training_flops(config, enc_lens: int | Sequence[int], dec_lens: int | Sequen
     encs, decs, targets = _as_list(enc_lens, n), _as_list(dec_lens, n), _as_list(target_tokens, n)
     if not len(encs) == len(decs) == len(targets):
         raise ValueError("enc_lens, dec_lens and target_tokens must have the same length")
-    return sum(3 * forward_flops(config, e, d, t) for e, d, t in zip(encs, decs, targets))
+    return sum(3 * forward_flops(config, e, d, t) for e, d, t in zip(encs, decs, targets, strict=True))
 
 
 def sample_flops(config, enc_len: int, dec_len: int, rationale_enc_len: int = 0, rationale_dec_len: int = 0,

@@ -110,7 +110,7 @@ class SavedState:
         if len(indices) != len(order):
             raise ValueError(f"optimizer.bin holds {len(indices)} parameters, the model trains {len(order)}: "
                              "not the model that wrote this checkpoint")
-        states = {name: optimizer["state"].get(i, {}) for name, i in zip(order, indices)}
+        states = {name: optimizer["state"].get(i, {}) for name, i in zip(order, indices, strict=True)}
         self.step, self.keys = _step_and_keys(states.values())
         self.names = list(order)
         self.shapes = {name: torch.Size(weights.get_slice(name).get_shape()) for name in order}
@@ -146,7 +146,7 @@ class SavedState:
             fp32 = [s["single_partition_of_fp32_groups"][g] for s in shards]
             pieces = {"param": fp32}
             for key in self.keys:
-                pieces[key] = [b["state"][g][key].view(-1)[:f.numel()] for b, f in zip(bases, fp32)]
+                pieces[key] = [b["state"][g][key].view(-1)[:f.numel()] for b, f in zip(bases, fp32, strict=True)]
             offset = 0
             for k, (name, shape) in enumerate(shapes.items()):
                 spans[name] = (pieces, offset, torch.Size(shape))
@@ -174,7 +174,7 @@ class SavedState:
         # Each rank's flat groups of each kind, read one after another as one vector.
         rank_pieces = [{"param": s["fp32_flat_groups"],
                         **{key: [st[i][key] for i in range(len(s["fp32_flat_groups"]))] for key in self.keys}}
-                       for s, st in zip(shards, states)]
+                       for s, st in zip(shards, states, strict=True)]
         spans, offset = {}, 0  # name -> (start of its piece in every rank's vector, shape)
         for shapes in model_states["param_shapes"]:
             for name, shape in shapes.items():

@@ -113,7 +113,7 @@ class ChatServer:
         """Which question, which kind of call and (for a value call) which CoT a request is about."""
         text = "\n".join(m["content"] for m in body["messages"])
         kind = "value" if WAY.search(text) else "sample"  # only a judged CoT holds "way j of n"
-        for qi, (question, gold) in enumerate(self.questions):
+        for qi, (question, _gold) in enumerate(self.questions):
             parts = question.split("</s>") if self.family == "anli1" else [question]
             if all(p.strip() in text for p in parts):
                 way = WAY.search(text) if kind == "value" else None
@@ -267,7 +267,7 @@ class _Handler(BaseHTTPRequestHandler):
                     chat.cut_texts.add(texts[i])
         payload = {"id": "chatcmpl-test", "object": "chat.completion", "model": body["model"],
                    "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f}
-                               for i, (t, f) in enumerate(zip(texts, finish))],
+                               for i, (t, f) in enumerate(zip(texts, finish, strict=True))],
                    "usage": {"prompt_tokens": sum(len(m["content"]) for m in body["messages"]) // 4,
                              "completion_tokens": sum(len(t) for t in texts) // 4}}
         if self._send(200, payload, cut=code == "truncate"):

@@ -177,7 +177,7 @@ class BuildReport:
                 "skipped": [dataclasses.asdict(s) for s in self.skipped]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BuildReport":
+    def from_dict(cls, d: dict) -> BuildReport:
         return cls(d["rows"], d["questions"], [Skip(**s) for s in d["skipped"]])
 
 
@@ -233,7 +233,8 @@ def _load_questions(spec: DatasetSpec, data_dir: Path, split: str, eos_token: st
                         f"the {split} chunk files ({', '.join(p.name for p in files)}) hold {len(teacher)} "
                         f"records in total, but {path.name} has {len(questions)} questions: "
                         "chunks must add up to the split")
-    for q, t in zip(questions, teacher):
+    # Without chunk files teacher is empty and the questions keep none; with them the counts were checked above.
+    for q, t in zip(questions, teacher, strict=False):
         q.teacher = t
     return questions
 
@@ -272,8 +273,10 @@ def _check_tree2_jsonl(path: Path, teacher: list[formats.TeacherRecord]) -> None
     found = formats.resolve(path)
     if found is None:
         return
+    # A record may list fewer evaluation lists than CoTs: the CoTs left without one give no pair (reported as
+    # "no self-evaluations" when the rows are built).
     pairs = [(cot, (formats.evaluation_verdict(e) or (None, None))[1])
-             for t in teacher for cot, evals in zip(t.cots, t.evaluations) for e in evals]
+             for t in teacher for cot, evals in zip(t.cots, t.evaluations, strict=False) for e in evals]
     with_verdict = [(cot, v) for cot, v in pairs if v is not None]
     prepared = formats.read_jsonl(found)
     if len(prepared) not in (len(with_verdict), len(pairs)):
@@ -281,7 +284,7 @@ def _check_tree2_jsonl(path: Path, teacher: list[formats.TeacherRecord]) -> None
                                      f"{len(with_verdict)} evaluations with a verdict ({len(pairs)} in all): the "
                                      "files are out of step")
     expected = with_verdict if len(prepared) == len(with_verdict) else pairs
-    for i, (obj, (cot, verdict)) in enumerate(zip(prepared, expected)):
+    for i, (obj, (cot, verdict)) in enumerate(zip(prepared, expected, strict=True)):
         if str(obj.get("input", "")).strip() != cot.strip() or \
                 (verdict is not None and str(obj.get("label", "")).strip() != verdict):
             raise DataError(found, i, "does not match the teacher file's CoT and verdict at this position")
