@@ -460,20 +460,7 @@ def build_task_rows(dataset: str, data_dir: str | Path | None = None, *, model_t
     skipper = _Skipper(report, strict=strict_data, skip_all=skip_bad_records)
     out: dict[str, list[TaskRow]] = {}
     for split in ("train", "valid", "test"):
-        rows, questions = [], 0
-        for q in splits[split]:
-            try:
-                if q.error is not None:
-                    raise q.error
-                rows_q, bad = (_train_rows(q, spec, model_type, label_type, num_train_branches) if split == "train"
-                               else _eval_rows(q, spec, model_type))
-            except DataError as e:
-                skipper(e, split)
-                continue
-            for error, dropped in bad:
-                skipper(error, split, dropped)
-            rows.extend(rows_q)
-            questions += bool(rows_q)
+        rows, questions = _split_rows(splits[split], split, spec, model_type, label_type, num_train_branches, skipper)
         out[split] = rows
         report.rows[split], report.questions[split] = len(rows), questions
         if not skip_bad_records:
@@ -481,6 +468,27 @@ def build_task_rows(dataset: str, data_dir: str | Path | None = None, *, model_t
         if not rows:
             raise DataError(data_dir / spec.name, None, f"the {split} split has no usable rows")
     return out, report
+
+
+def _split_rows(questions: list[_Question], split: str, spec: DatasetSpec, model_type: str, label_type: str,
+                branches: int, skipper: _Skipper) -> tuple[list[TaskRow], int]:
+    """The rows of one split's questions, and how many questions gave rows. Each bad record or piece met goes to
+    ``skipper``, which raises or records it in the report."""
+    rows, kept = [], 0
+    for q in questions:
+        try:
+            if q.error is not None:
+                raise q.error
+            rows_q, bad = (_train_rows(q, spec, model_type, label_type, branches) if split == "train"
+                           else _eval_rows(q, spec, model_type))
+        except DataError as e:
+            skipper(e, split)
+            continue
+        for error, dropped in bad:
+            skipper(error, split, dropped)
+        rows.extend(rows_q)
+        kept += bool(rows_q)
+    return rows, kept
 
 
 def _check_branches_written(questions: list[_Question], branches: int) -> None:
