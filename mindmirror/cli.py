@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -62,10 +63,8 @@ def _report_exit(code: int) -> None:
     75 again when a rank saved on a stop signal."""
     folder = os.environ.get(EXIT_DIR)
     if folder:
-        try:
+        with contextlib.suppress(OSError):  # the launcher then reports what torchrun says
             (Path(folder) / f"rank-{os.environ.get('RANK', '0')}").write_text(str(code))
-        except OSError:
-            pass  # the launcher then reports what torchrun says
 
 
 def _leave(code: int) -> None:

@@ -130,58 +130,16 @@ class TrainConfig:
                                 "<output_dir>/log.txt).")
 
     # -----------------------------------------------------------------------------------------
-    def validate(self) -> "TrainConfig":
+    def validate(self) -> TrainConfig:
         """Fill derived values and reject bad ones with a message that says what to do."""
-        def bad(msg):
-            raise ValueError(msg)
-
-        if self.dataset not in DATASETS:
-            bad(f"--dataset {self.dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
-        if self.model_type not in MODEL_TYPES:
-            bad(f"--model_type {self.model_type!r} is unknown; choose one of {', '.join(MODEL_TYPES)}")
-        if self.label_type not in LABEL_TYPES:
-            bad(f"--label_type {self.label_type!r} is unknown; choose gt or llm")
-        if not 0.0 <= self.alpha <= 1.0:
-            bad(f"--alpha must be in [0, 1], got {self.alpha}")
-        if self.num_train_branches < 1:
-            bad(f"--num_train_branches must be at least 1, got {self.num_train_branches}")
-        if self.parallelize:
-            bad("--parallelize (naive model parallelism) is not supported: shard the model with DeepSpeed "
-                "ZeRO-3 instead (accelerate launch --config_file launch/zero3.yaml train/main.py ...)")
-        if self.optimizer_name.lower() != "adamw":
-            bad(f"--optimizer_name {self.optimizer_name!r}: only AdamW is built in; name another optimizer "
-                "in a DeepSpeed JSON (ds_configs/) instead")
-        if self.lr_scheduler not in SCHEDULERS:
-            bad(f"--lr_scheduler must be one of {', '.join(SCHEDULERS)}")
+        self._check_choices()
         if self.grad_steps:
             if self.grad_accum_steps not in (1, self.grad_steps):
-                bad(f"--grad_steps {self.grad_steps} and --grad_accum_steps {self.grad_accum_steps} disagree")
+                raise ValueError(f"--grad_steps {self.grad_steps} and --grad_accum_steps {self.grad_accum_steps} "
+                                 "disagree")
             self.grad_accum_steps = self.grad_steps
-        for name in ("batch_size", "grad_accum_steps", "max_input_length", "max_target_length", "gen_max_len"):
-            if getattr(self, name) < 1:
-                bad(f"--{name} must be at least 1")
-        if self.position_bias_lr_scale < 0:
-            bad(f"--position_bias_lr_scale must be at least 0 (0: automatic), got {self.position_bias_lr_scale}")
-        if self.eval_batch_size < 0:
-            bad(f"--eval_batch_size must be at least 1 (0: 4 x --batch_size), got {self.eval_batch_size}")
-        if not 0.0 < self.subsample <= 1.0:
-            bad(f"--subsample must be in (0, 1], got {self.subsample}")
-        if not 0.0 <= self.max_bad_fraction <= 1.0:
-            bad(f"--max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
-        if not self.collective_timeout > 0:
-            bad(f"--collective_timeout must be a positive number of minutes, got {self.collective_timeout}")
-        if self.strict_data and self.skip_bad_records:
-            bad("--strict_data and --skip_bad_records contradict each other: give one")
-        if not 0.0 < self.valid_fraction < 1.0:
-            bad(f"--valid_fraction must be in (0, 1), got {self.valid_fraction}")
-        if self.max_steps <= 0 and self.num_train_epochs <= 0:
-            bad("give --max_steps or a positive --num_train_epochs")
-        if self.init_from and self.continue_train:
-            bad("--init_from and --continue_train both name a stage-1 model: give one")
-        if self.init_from and not Path(self.init_from).is_dir():
-            bad(f"--init_from {self.init_from}: no such folder (expected a stage-1 export such as <run>/best)")
-        if self.data_dir and not Path(self.data_dir).is_dir():
-            bad(f"--data_dir {self.data_dir}: no such folder")
+        self._check_values()
+        self._check_folders()
         if not self.output_dir:
             self.output_dir = str(default_output_dir(self))
         if self.continue_train:
@@ -190,6 +148,62 @@ class TrainConfig:
             if os.environ.get("RANK", "0") == "0":  # the console of the main process (before logging is set up)
                 sys.stderr.write(line + "\n")
         return self
+
+    def _check_choices(self) -> None:
+        """The data set, method and optimizer named exist and are supported."""
+        if self.dataset not in DATASETS:
+            raise ValueError(f"--dataset {self.dataset!r} is unknown; choose one of {', '.join(DATASETS)}")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"--model_type {self.model_type!r} is unknown; choose one of {', '.join(MODEL_TYPES)}")
+        if self.label_type not in LABEL_TYPES:
+            raise ValueError(f"--label_type {self.label_type!r} is unknown; choose gt or llm")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"--alpha must be in [0, 1], got {self.alpha}")
+        if self.num_train_branches < 1:
+            raise ValueError(f"--num_train_branches must be at least 1, got {self.num_train_branches}")
+        if self.parallelize:
+            raise ValueError("--parallelize (naive model parallelism) is not supported: shard the model with "
+                             "DeepSpeed ZeRO-3 instead (accelerate launch --config_file launch/zero3.yaml "
+                             "train/main.py ...)")
+        if self.optimizer_name.lower() != "adamw":
+            raise ValueError(f"--optimizer_name {self.optimizer_name!r}: only AdamW is built in; name another "
+                             "optimizer in a DeepSpeed JSON (ds_configs/) instead")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ValueError(f"--lr_scheduler must be one of {', '.join(SCHEDULERS)}")
+
+    def _check_values(self) -> None:
+        """Sizes, fractions and limits in their ranges, the data flags in agreement, and a length to train."""
+        for name in ("batch_size", "grad_accum_steps", "max_input_length", "max_target_length", "gen_max_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1")
+        if self.position_bias_lr_scale < 0:
+            raise ValueError("--position_bias_lr_scale must be at least 0 (0: automatic), got "
+                             f"{self.position_bias_lr_scale}")
+        if self.eval_batch_size < 0:
+            raise ValueError(f"--eval_batch_size must be at least 1 (0: 4 x --batch_size), got {self.eval_batch_size}")
+        if not 0.0 < self.subsample <= 1.0:
+            raise ValueError(f"--subsample must be in (0, 1], got {self.subsample}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise ValueError(f"--max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if not self.collective_timeout > 0:
+            raise ValueError(f"--collective_timeout must be a positive number of minutes, got "
+                             f"{self.collective_timeout}")
+        if self.strict_data and self.skip_bad_records:
+            raise ValueError("--strict_data and --skip_bad_records contradict each other: give one")
+        if not 0.0 < self.valid_fraction < 1.0:
+            raise ValueError(f"--valid_fraction must be in (0, 1), got {self.valid_fraction}")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError("give --max_steps or a positive --num_train_epochs")
+
+    def _check_folders(self) -> None:
+        """The folders named exist, and one stage-1 model at most is named."""
+        if self.init_from and self.continue_train:
+            raise ValueError("--init_from and --continue_train both name a stage-1 model: give one")
+        if self.init_from and not Path(self.init_from).is_dir():
+            raise ValueError(f"--init_from {self.init_from}: no such folder (expected a stage-1 export such as "
+                             "<run>/best)")
+        if self.data_dir and not Path(self.data_dir).is_dir():
+            raise ValueError(f"--data_dir {self.data_dir}: no such folder")
 
 
 def position_bias_lr_scale(cfg: TrainConfig) -> float:

@@ -162,7 +162,7 @@ def _create_base_state(base, flats: list[torch.Tensor], groups: list[dict], save
     (unless the saved optimizer never stepped either: then the first step creates it, as usual)."""
     if not saved.keys:
         return
-    for flat, group in zip(flats, groups):
+    for flat, group in zip(flats, groups, strict=True):
         base.state[flat] = {"step": _adam_step(base, group, flat, saved.step),
                             **{key: torch.zeros_like(flat) for key in saved.keys}}
 
@@ -205,7 +205,7 @@ def _write_zero(saved: SavedState, engine, stage: int) -> None:
     flats = zero.single_partition_of_fp32_groups
     _create_base_state(base, flats, base.param_groups, saved)
     if saved.keys:  # link each parameter to its slice of the state (DeepSpeed does so after a step)
-        for lp_group, flat in zip(zero.bit16_groups, flats):
+        for lp_group, flat in zip(zero.bit16_groups, flats, strict=True):
             lazy_init_hp_params_optimizer_state(lp_group, flat, base.state)
     for name, param in _targets(engine.module, saved):
         values = _checked(saved, name, param)
@@ -234,7 +234,7 @@ def _restore_schedule(folder: Path, saved: SavedState, scheduler, engine) -> Non
                          "loop's own: resume with the DeepSpeed JSON that wrote it")
     load_custom_state(scheduler, str(folder), 0)  # the loop registers its scheduler as the only custom object
     # The optimizer's lr is part of the optimizer state the engines keep; set it to where the schedule is.
-    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr()):
+    for group, lr in zip(scheduler.optimizer.param_groups, scheduler.get_last_lr(), strict=True):
         group["lr"] = lr
 
 

@@ -164,7 +164,7 @@ def training_flops(config, enc_lens: int | Sequence[int], dec_lens: int | Sequen
     encs, decs, targets = _as_list(enc_lens, n), _as_list(dec_lens, n), _as_list(target_tokens, n)
     if not len(encs) == len(decs) == len(targets):
         raise ValueError("enc_lens, dec_lens and target_tokens must have the same length")
-    return sum(3 * forward_flops(config, e, d, t) for e, d, t in zip(encs, decs, targets))
+    return sum(3 * forward_flops(config, e, d, t) for e, d, t in zip(encs, decs, targets, strict=True))
 
 
 def sample_flops(config, enc_len: int, dec_len: int, rationale_enc_len: int = 0, rationale_dec_len: int = 0,
@@ -495,117 +495,144 @@ def _zero3_gathered(c, p_gathered: int, s: ZeroSettings, aliased: bool) -> int:
     return min(p_gathered, reuse // 2 + u + s.prefetch_bucket)
 
 
+class _Terms(list):
+    """``(kind, what, bytes)`` memory terms in the order they are added; a term of no bytes is left out."""
+
+    def add(self, kind: str, what: str, nbytes: int) -> None:
+        if nbytes:
+            self.append((kind, what, int(nbytes)))
+
+
 def _model_terms(c, zero_stage: int, n: int, offload: bool, precision: str,
                  s: ZeroSettings | None) -> list[tuple[str, str, int]]:
     """The non-activation terms of :func:`memory_per_rank`, ``(kind, what, bytes)``."""
     p = parameter_count(c)
     shard = -(-p // n)  # one rank's share (DeepSpeed pads flat groups to a multiple of N: a few elements)
-    terms: list[tuple[str, str, int]] = []
-
-    def add(kind: str, what: str, nbytes: int) -> None:
-        if nbytes:
-            terms.append((kind, what, int(nbytes)))
-
     if zero_stage == 0:
-        if precision == "bf16":
-            add("params", "fp32 parameters, whole", 4 * p)
-            add("params", "bf16 copies of the weights that autocast makes and autograd keeps", 2 * p)
-        else:
-            add("params", "fp32 parameters, whole", 4 * p)
-        add("grads", "fp32 gradients, whole", 4 * p)
-        if n > 1:
-            add("grads", "DDP's gradient buckets (a second copy: gradient_as_bucket_view is off)", 4 * p)
-        add("optimizer", "Adam moments (fp32), whole", 8 * p)
-        return terms
-
+        return _ddp_terms(p, n, precision)
     assert s is not None
     bf16 = precision == "bf16"
     lp = 2 if bf16 else 4  # the model's (and DeepSpeed's low-precision copy's) bytes per element
-    name = "bf16" if bf16 else "fp32"
     acc = s.grad_accum_bytes or lp  # gradient accumulation
     comm = s.comm_bytes or lp  # communication_data_type (default: the model's)
+    if zero_stage == 1 and bf16 and acc == 4 and not offload:
+        return _bf16_optimizer_terms(c, p, shard, comm)
+    if zero_stage in (1, 2):
+        return _zero12_terms(c, zero_stage, p, shard, lp, acc, comm, offload, s)
+    return _zero3_terms(c, n, p, shard, lp, acc, comm, offload, s)
+
+
+def _ddp_terms(p: int, n: int, precision: str) -> _Terms:
+    """Stage 0: DDP over ``n`` ranks, every rank holding the whole model, its gradients and Adam."""
+    terms = _Terms()
+    if precision == "bf16":
+        terms.add("params", "fp32 parameters, whole", 4 * p)
+        terms.add("params", "bf16 copies of the weights that autocast makes and autograd keeps", 2 * p)
+    else:
+        terms.add("params", "fp32 parameters, whole", 4 * p)
+    terms.add("grads", "fp32 gradients, whole", 4 * p)
+    if n > 1:
+        terms.add("grads", "DDP's gradient buckets (a second copy: gradient_as_bucket_view is off)", 4 * p)
+    terms.add("optimizer", "Adam moments (fp32), whole", 8 * p)
+    return terms
+
+
+def _bf16_optimizer_terms(c, p: int, shard: int, comm: int) -> _Terms:
+    """ZeRO-1 with bf16 and fp32 accumulation: engine._do_optimizer_sanity_check picks BF16_Optimizer
+    (runtime/bf16_optimizer.py), which shards only the fp32 master weights and Adam."""
+    terms = _Terms()
+    terms.add("params", "bf16 parameters, whole", 2 * p)
+    terms.add("grads", "bf16 gradients, whole (autograd's .grad, zeroed and kept between steps)", 2 * p)
+    terms.add("grads", "fp32 gradient buffer, whole on every rank (BF16 optimizer: not sharded)", 4 * p)
+    terms.add("optimizer", "fp32 master weights, 1/N", 4 * shard)
+    terms.add("optimizer", "Adam moments (fp32), 1/N", 8 * shard)
+    # After the backward the engine all-reduces the fp32 buffers (buffered_allreduce_fallback): in bf16
+    # (communication_data_type), and the two parameter groups' buffers concatenated into one fp32 tensor
+    # first unless the decayed group alone exceeds MEMORY_OPT_ALLREDUCE_SIZE.
+    terms.add("late", "gradient all-reduce: bf16 copy of the fp32 gradient buffer", comm * p if comm != 4 else 0)
+    if p - _count(c, kinds=("norm",)) <= MEMORY_OPT_ALLREDUCE_SIZE:
+        terms.add("late", "gradient all-reduce: both groups' fp32 buffers concatenated into one tensor", 4 * p)
+    return terms
+
+
+def _zero12_terms(c, zero_stage: int, p: int, shard: int, lp: int, acc: int, comm: int, offload: bool,
+                  s: ZeroSettings) -> _Terms:
+    """ZeRO-1 and ZeRO-2: runtime/zero/stage_1_and_2.py, DeepSpeedZeroOptimizer. ``lp``, ``acc``, ``comm``: bytes
+    per element of the model, of gradient accumulation and of communication."""
+    terms = _Terms()
+    name = "bf16" if lp == 2 else "fp32"
     b, u = s.reduce_bucket, largest_layer_params(c)
     on_host = "host" if offload else None
+    grad_accum_attribute = acc != lp and zero_stage == 1  # ZeRO-1 keeps an fp32 .grad_accum per parameter
+    compact = acc == 4 and lp != 4  # an fp32 gradient partition (_use_compact_grad_partition_buffer)
+    terms.add("params", f"{name} parameters, whole", lp * p)
+    if zero_stage == 1:
+        terms.add("grads", f"{name} gradients, whole (ZeRO-1 keeps every .grad)", lp * p)
+        if grad_accum_attribute:
+            terms.add("grads", "fp32 gradient accumulators (.grad_accum), whole", 4 * p)
+    if offload:
+        terms.add("host", "gradient partition, 1/N", acc * shard)
+        terms.add("host", f"{name} staging copy of the parameter shard, 1/N", lp * shard)
+    else:
+        terms.add("grads", f"{'fp32' if compact else name} gradient partition, 1/N", (acc if compact else lp) * shard)
+        if zero_stage == 2 and lp == 2:
+            terms.add("grads", "16-bit gradients, 1/N, as DeepSpeed's estimator counts them (0.19 keeps no such "
+                               "partition under fp32 accumulation: kept so the plan never falls below its figure)",
+                      2 * shard)
+    terms.add(on_host or "optimizer", "fp32 master weights, 1/N", 4 * shard)
+    terms.add(on_host or "optimizer", "Adam moments (fp32), 1/N", 8 * shard)
+    # the reduction: gradients are copied into contiguous buckets (two with overlap_comm), which are
+    # flattened into one tensor for each all-reduce; the rank's slice is added into the fp32 partition
+    reduce_dtype = 4 if grad_accum_attribute else lp
+    ipg = (2 if s.overlap_comm else 1) * b * reduce_dtype if s.contiguous_gradients else 0
+    flat = b * reduce_dtype + (b * comm if comm != reduce_dtype else 0)
+    upcast = min(b, u, shard) * acc if compact and not offload else 0
+    one_grad = lp * u  # autograd's gradient of the largest parameter, before it is copied into a bucket
+    staging = lp * u if offload else 0  # temp_grad_buffer_for_gpu_offload
+    if zero_stage == 2:
+        terms.add("buffers", f"reduce buckets ({2 if s.overlap_comm else 1} x reduce_bucket_size {b:,})", ipg)
+        terms.add("buffers", "the flattened copy each all-reduce sends, and the fp32 copy of the rank's slice",
+                  flat + upcast)
+        terms.add("buffers", "autograd's gradient of the largest parameter before it enters a bucket", one_grad)
+        terms.add("buffers", "offload: a gradient staging buffer of the largest parameter", staging)
+        terms.add("late", "reduce buckets and the last all-reduce's copies (freed at the step)", ipg + flat + upcast)
+    else:  # ZeRO-1 reduces once, after the backward (engine.allreduce_gradients -> reduce_gradients)
+        terms.add("buffers", f"reduce bucket (reduce_bucket_size {b:,}), allocated in the backward", ipg)
+        terms.add("buffers", "offload: a gradient staging buffer of the largest parameter", staging)
+        terms.add("late", "reduce bucket and each all-reduce's flattened copy, after the backward",
+                  ipg + flat + upcast + staging)
+    return terms
 
-    if zero_stage == 1 and bf16 and acc == 4 and not offload:
-        # engine._do_optimizer_sanity_check: bf16 + fp32 accumulation at ZeRO-1 -> BF16_Optimizer
-        # (runtime/bf16_optimizer.py), which shards only the fp32 master weights and Adam.
-        add("params", "bf16 parameters, whole", 2 * p)
-        add("grads", "bf16 gradients, whole (autograd's .grad, zeroed and kept between steps)", 2 * p)
-        add("grads", "fp32 gradient buffer, whole on every rank (BF16 optimizer: not sharded)", 4 * p)
-        add("optimizer", "fp32 master weights, 1/N", 4 * shard)
-        add("optimizer", "Adam moments (fp32), 1/N", 8 * shard)
-        # After the backward the engine all-reduces the fp32 buffers (buffered_allreduce_fallback): in bf16
-        # (communication_data_type), and the two parameter groups' buffers concatenated into one fp32 tensor
-        # first unless the decayed group alone exceeds MEMORY_OPT_ALLREDUCE_SIZE.
-        add("late", "gradient all-reduce: bf16 copy of the fp32 gradient buffer", comm * p if comm != 4 else 0)
-        if p - _count(c, kinds=("norm",)) <= MEMORY_OPT_ALLREDUCE_SIZE:
-            add("late", "gradient all-reduce: both groups' fp32 buffers concatenated into one tensor", 4 * p)
-        return terms
 
-    if zero_stage in (1, 2):  # runtime/zero/stage_1_and_2.py, DeepSpeedZeroOptimizer
-        grad_accum_attribute = acc != lp and zero_stage == 1  # ZeRO-1 keeps an fp32 .grad_accum per parameter
-        compact = acc == 4 and lp != 4  # an fp32 gradient partition (_use_compact_grad_partition_buffer)
-        add("params", f"{name} parameters, whole", lp * p)
-        if zero_stage == 1:
-            add("grads", f"{name} gradients, whole (ZeRO-1 keeps every .grad)", lp * p)
-            if grad_accum_attribute:
-                add("grads", "fp32 gradient accumulators (.grad_accum), whole", 4 * p)
-        if offload:
-            add("host", "gradient partition, 1/N", acc * shard)
-            add("host", f"{name} staging copy of the parameter shard, 1/N", lp * shard)
-        else:
-            add("grads", f"{'fp32' if compact else name} gradient partition, 1/N", (acc if compact else lp) * shard)
-            if zero_stage == 2 and lp == 2:
-                add("grads", "16-bit gradients, 1/N, as DeepSpeed's estimator counts them (0.19 keeps no such "
-                             "partition under fp32 accumulation: kept so the plan never falls below its figure)",
-                    2 * shard)
-        add(on_host or "optimizer", "fp32 master weights, 1/N", 4 * shard)
-        add(on_host or "optimizer", "Adam moments (fp32), 1/N", 8 * shard)
-        # the reduction: gradients are copied into contiguous buckets (two with overlap_comm), which are
-        # flattened into one tensor for each all-reduce; the rank's slice is added into the fp32 partition
-        reduce_dtype = 4 if grad_accum_attribute else lp
-        ipg = (2 if s.overlap_comm else 1) * b * reduce_dtype if s.contiguous_gradients else 0
-        flat = b * reduce_dtype + (b * comm if comm != reduce_dtype else 0)
-        upcast = min(b, u, shard) * acc if compact and not offload else 0
-        one_grad = lp * u  # autograd's gradient of the largest parameter, before it is copied into a bucket
-        staging = lp * u if offload else 0  # temp_grad_buffer_for_gpu_offload
-        if zero_stage == 2:
-            add("buffers", f"reduce buckets ({2 if s.overlap_comm else 1} x reduce_bucket_size {b:,})", ipg)
-            add("buffers", "the flattened copy each all-reduce sends, and the fp32 copy of the rank's slice",
-                flat + upcast)
-            add("buffers", "autograd's gradient of the largest parameter before it enters a bucket", one_grad)
-            add("buffers", "offload: a gradient staging buffer of the largest parameter", staging)
-            add("late", "reduce buckets and the last all-reduce's copies (freed at the step)", ipg + flat + upcast)
-        else:  # ZeRO-1 reduces once, after the backward (engine.allreduce_gradients -> reduce_gradients)
-            add("buffers", f"reduce bucket (reduce_bucket_size {b:,}), allocated in the backward", ipg)
-            add("buffers", "offload: a gradient staging buffer of the largest parameter", staging)
-            add("late", "reduce bucket and each all-reduce's flattened copy, after the backward",
-                ipg + flat + upcast + staging)
-        return terms
-
-    # ZeRO-3: runtime/zero/stage3.py and partition_parameters.py
+def _zero3_terms(c, n: int, p: int, shard: int, lp: int, acc: int, comm: int, offload: bool,
+                 s: ZeroSettings) -> _Terms:
+    """ZeRO-3: runtime/zero/stage3.py and partition_parameters.py. ``lp``, ``acc``, ``comm``: as for
+    :func:`_zero12_terms`."""
+    terms = _Terms()
+    name = "bf16" if lp == 2 else "fp32"
+    b, u = s.reduce_bucket, largest_layer_params(c)
+    on_host = "host" if offload else None
     persistent = _count(c, at_most=s.persistence_threshold)  # mark_persistent_parameters: ds_numel <= threshold
-    add("host" if offload else "params", f"{name} parameter shard, 1/N", lp * shard)
-    add("params", f"parameters of at most stage3_param_persistence_threshold ({s.persistence_threshold:,}) "
-                  "elements, whole on every rank", lp * persistent)
-    add("params", f"largest layer, gathered whole ({largest_layer_params(c):,} parameters; DeepSpeed's "
-                  "estimator counts it at 4 B/param: its weights and its gradient)", lp * u)
-    add("grads", "gradient of the gathered layer before it is reduced", lp * u)
-    add(on_host or "grads", f"{'fp32' if acc == 4 else name} gradient partitions, 1/N", acc * shard)
+    terms.add("host" if offload else "params", f"{name} parameter shard, 1/N", lp * shard)
+    terms.add("params", f"parameters of at most stage3_param_persistence_threshold ({s.persistence_threshold:,}) "
+                        "elements, whole on every rank", lp * persistent)
+    terms.add("params", f"largest layer, gathered whole ({largest_layer_params(c):,} parameters; DeepSpeed's "
+                        "estimator counts it at 4 B/param: its weights and its gradient)", lp * u)
+    terms.add("grads", "gradient of the gathered layer before it is reduced", lp * u)
+    terms.add(on_host or "grads", f"{'fp32' if acc == 4 else name} gradient partitions, 1/N", acc * shard)
     if lp != 4 or offload:  # in fp32 on the GPU the master weights are the shard itself
-        add(on_host or "optimizer", "fp32 master weights, 1/N", 4 * shard)
-    add(on_host or "optimizer", "Adam moments (fp32), 1/N", 8 * shard)
+        terms.add(on_host or "optimizer", "fp32 master weights, 1/N", 4 * shard)
+    terms.add(on_host or "optimizer", "Adam moments (fp32), 1/N", 8 * shard)
     gathered = _zero3_gathered(c, p - persistent, s, aliased=n == 1 and not offload)
     ipg = b * comm if s.contiguous_gradients else 0
     scatter = b * comm + (-(-b // n) * acc if acc != comm else 0)  # reduce_scatter_coalesced's copy, fp32 shares
-    add("buffers", "further gathered parameters: the prefetch bucket (stage3_prefetch_bucket_size "
-                   f"{s.prefetch_bucket:,}) and the layers kept for reuse", lp * max(0, gathered - u))
-    add("buffers", f"reduce bucket (reduce_bucket_size {b:,})", ipg)
-    add("buffers", "reduce-scatter: the interleaved copy and the rank's fp32 shares", scatter)
-    add("late", "parameters still gathered at the end of the backward pass (the layers kept for reuse: see "
-                "_zero3_gathered)", lp * max(0, gathered - u))
-    add("late", "reduce bucket and the last reduce-scatter's copies", ipg + scatter)
+    terms.add("buffers", "further gathered parameters: the prefetch bucket (stage3_prefetch_bucket_size "
+                         f"{s.prefetch_bucket:,}) and the layers kept for reuse", lp * max(0, gathered - u))
+    terms.add("buffers", f"reduce bucket (reduce_bucket_size {b:,})", ipg)
+    terms.add("buffers", "reduce-scatter: the interleaved copy and the rank's fp32 shares", scatter)
+    terms.add("late", "parameters still gathered at the end of the backward pass (the layers kept for reuse: see "
+                      "_zero3_gathered)", lp * max(0, gathered - u))
+    terms.add("late", "reduce bucket and the last reduce-scatter's copies", ipg + scatter)
     return terms
 
 

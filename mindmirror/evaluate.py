@@ -62,7 +62,7 @@ def generate(t5, tokenizer, rows, column: str, *, world: int, rank: int, device,
             out = t5.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                               num_beams=1, synced_gpus=synced_gpus)
             texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-            mine += [(i, t.strip()) for i, t in zip(batch, texts) if i >= 0]
+            mine += [(i, t.strip()) for i, t in zip(batch, texts, strict=True) if i >= 0]
     everything = gather_object(mine) if world > 1 else mine
     return [text for _, text in sorted(everything)]
 
@@ -86,7 +86,7 @@ def score(predictions: list[str], golds: list[str], kind: str) -> tuple[float, l
     """Accuracy and per-row correctness: safe arithmetic value match or exact text match."""
     if len(predictions) != len(golds):
         raise ValueError(f"{len(predictions)} predictions for {len(golds)} gold answers")
-    correct = [metrics.is_correct(p, g, kind) for p, g in zip(predictions, golds)]
+    correct = [metrics.is_correct(p, g, kind) for p, g in zip(predictions, golds, strict=True)]
     return (sum(correct) / len(correct) if correct else 0.0), correct
 
 
@@ -120,7 +120,7 @@ def evaluate_split(t5, tokenizer, table, *, family: str, kind: str, model_type: 
         if has_rationale and rationales else [None] * len(golds)
     accuracy, correct = score(greedy, golds, kind)
     records = [{"input": x, "prediction": p, "rationale": e, "gold": g, "correct": ok}
-               for x, g, p, e, ok in zip(inputs, golds, greedy, rationales, correct)]
+               for x, g, p, e, ok in zip(inputs, golds, greedy, rationales, correct, strict=True)]
     result = {"rows": len(golds), "accuracy": accuracy}
     if samples > 0 and model_type != SELF_EVAL:  # votes pick answers, not verdicts
         torch.manual_seed(seed)
@@ -128,19 +128,20 @@ def evaluate_split(t5, tokenizer, table, *, family: str, kind: str, model_type: 
         answers = sample(t5, tokenizer, list(table["input_ids"]), samples, max_new_tokens=gen_max_len, **sampling)
         majority = [selfeval.vote(a, kind) for a in answers]
         result["majority_vote_accuracy"], majority_ok = score(majority, golds, kind)
-        for record, a, m, ok in zip(records, answers, majority, majority_ok):
+        for record, a, m, ok in zip(records, answers, majority, majority_ok, strict=True):
             record.update(samples=[{"answer": x} for x in a], majority_vote=m, majority_vote_correct=ok)
         if has_rationale:
             sampled = sample(t5, tokenizer, list(table["expl_input_ids"]), samples, max_new_tokens=rationale_max_len,
                              **sampling)
-            cots = [selfeval.compose_cot(e, a, family) for es, as_ in zip(sampled, answers) for e, a in zip(es, as_)]
+            cots = [selfeval.compose_cot(e, a, family) for es, as_ in zip(sampled, answers, strict=True)
+                    for e, a in zip(es, as_, strict=True)]
             p = selfeval.verdict_probabilities(t5, tokenizer, cots, device=device, batch_size=batch_size,
                                                max_input_length=max_input_length)
             weights = [p[i:i + samples] for i in range(0, len(p), samples)]
-            chosen = [selfeval.vote(a, kind, w) for a, w in zip(answers, weights)]
+            chosen = [selfeval.vote(a, kind, w) for a, w in zip(answers, weights, strict=True)]
             result["self_eval_vote_accuracy"], chosen_ok = score(chosen, golds, kind)
-            for record, es, ws, c, ok in zip(records, sampled, weights, chosen, chosen_ok):
-                for s, e, w in zip(record["samples"], es, ws):
+            for record, es, ws, c, ok in zip(records, sampled, weights, chosen, chosen_ok, strict=True):
+                for s, e, w in zip(record["samples"], es, ws, strict=True):
                     s.update(rationale=e, p_correct=w)
                 record.update(self_eval_vote=c, self_eval_vote_correct=ok)
     return result, records

@@ -30,7 +30,9 @@ losses and the row in the results folder for **judge**.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -330,10 +332,8 @@ def _read_jsonl(path: Path) -> list[dict]:
         return []
     out = []
     for line in lines:
-        try:
+        with contextlib.suppress(ValueError):  # a line cut by a kill
             out.append(json.loads(line))
-        except ValueError:  # a line cut by a kill
-            pass
     return out
 
 
@@ -374,7 +374,7 @@ def host_syncs(path: Path) -> tuple[str, dict]:
     except (OSError, ValueError):
         return "n/a", {"reason": "no count written"}
     marks = record.get("at_step_start", [])
-    per_step = [b - a for a, b in zip(marks, marks[1:])]
+    per_step = [b - a for a, b in itertools.pairwise(marks)]
     if not record.get("available") or not per_step:
         return "n/a", {"reason": record.get("reason") or "fewer than two steps counted"}
     return f"{statistics.median(per_step):g} (max {max(per_step)})", {"per_step": per_step}

@@ -234,7 +234,7 @@ class Trainer:
             return
         device = self.accelerator.device
         finite = torch.stack([torch.as_tensor(f, device=device).reshape(()) for _, f in pending]).tolist()
-        for (step, _), ok in zip(pending, finite):
+        for (step, _), ok in zip(pending, finite, strict=True):
             if ok:
                 self.nonfinite_in_row = 0
                 continue

@@ -75,9 +75,7 @@ def _bracket_depth(text: str) -> int:
 def _validate(tree: ast.AST) -> None:
     """Reject the whole tree before computing anything, so that an unsafe expression
     is always reported as unsafe (not, say, as a division by zero met first)."""
-    count = 0
-    for node in ast.walk(tree):  # iterative, so a deep tree cannot overflow the stack
-        count += 1
+    for count, node in enumerate(ast.walk(tree), 1):  # iterative, so a deep tree cannot overflow the stack
         if count > MAX_NODES:
             raise UnsafeExpression(f"more than {MAX_NODES} nodes")
         if not isinstance(node, _ALLOWED_NODES):

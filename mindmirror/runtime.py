@@ -134,7 +134,7 @@ def share_fp32_masters(engine) -> int:
         return 0
     freed = 0
     with torch.no_grad():
-        for master, partition in zip(masters, partitions):
+        for master, partition in zip(masters, partitions, strict=True):
             if partition is None or master.dtype != partition.dtype or master.device != partition.device \
                     or master.shape != partition.shape or master.data_ptr() == partition.data_ptr() \
                     or not torch.equal(master, partition):

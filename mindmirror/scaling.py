@@ -171,8 +171,8 @@ def measure(out: Path, p: Point, warmup: int) -> dict:
     global_batch = p.micro_batch * p.world_size
     step_times = [global_batch / r["samples_per_s"] for r in timed]
     total = sum(step_times)
-    tokens = sum(r["tokens_per_s"] * t for r, t in zip(timed, step_times))
-    flops = sum(r["model_flops_per_s"] * t for r, t in zip(timed, step_times))
+    tokens = sum(r["tokens_per_s"] * t for r, t in zip(timed, step_times, strict=True))
+    flops = sum(r["model_flops_per_s"] * t for r, t in zip(timed, step_times, strict=True))
     summary = runfiles.read_summary(out / "run")
     mfu = [r["mfu"] for r in timed if "mfu" in r]
     return {"step_s": statistics.median(step_times), "tokens_per_s": tokens / total,

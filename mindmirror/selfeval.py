@@ -15,7 +15,7 @@ answers by their text (case and spacing ignored).
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 from mindmirror import metrics
 from mindmirror.data.formats import VERDICTS
@@ -80,7 +80,7 @@ def vote(answers: Sequence[str], kind: str, weights: Sequence[float] | None = No
         raise ValueError(f"{len(answers)} answers but {len(weights)} weights")
     totals: dict[tuple, float] = {}
     first: dict[tuple, str] = {}
-    for answer, weight in zip(answers, weights):
+    for answer, weight in zip(answers, weights, strict=True):
         key = answer_key(answer, kind)
         totals[key] = totals.get(key, 0.0) + float(weight)
         first.setdefault(key, answer)

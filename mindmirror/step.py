@@ -99,7 +99,8 @@ def hold_schedule(scheduler, steps: int) -> None:
     if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR):
         return
     scheduler.last_epoch -= steps
-    lrs = [base * factor(scheduler.last_epoch) for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs)]
-    for group, lr in zip(scheduler.optimizer.param_groups, lrs):
+    lrs = [base * factor(scheduler.last_epoch)
+           for factor, base in zip(scheduler.lr_lambdas, scheduler.base_lrs, strict=True)]
+    for group, lr in zip(scheduler.optimizer.param_groups, lrs, strict=True):
         group["lr"] = lr
     scheduler._last_lr = lrs

@@ -30,7 +30,7 @@ class MetricsLog:
         self.file = None
 
     def open(self, path: Path) -> None:
-        self.file = open(path, "a")
+        self.file = open(path, "a")  # noqa: SIM115  (one handle for every line of the run, until close())
 
     def write(self, record: dict) -> None:
         """One line: ``step``, ``split`` (``train`` when absent) and its values."""

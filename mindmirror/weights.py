@@ -23,6 +23,7 @@ What the engines' files hold (the protocol of ``deepspeed/utils/zero_to_fp32.py`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -110,7 +111,7 @@ class SavedState:
         if len(indices) != len(order):
             raise ValueError(f"optimizer.bin holds {len(indices)} parameters, the model trains {len(order)}: "
                              "not the model that wrote this checkpoint")
-        states = {name: optimizer["state"].get(i, {}) for name, i in zip(order, indices)}
+        states = {name: optimizer["state"].get(i, {}) for name, i in zip(order, indices, strict=True)}
         self.step, self.keys = _step_and_keys(states.values())
         self.names = list(order)
         self.shapes = {name: torch.Size(weights.get_slice(name).get_shape()) for name in order}
@@ -146,7 +147,7 @@ class SavedState:
             fp32 = [s["single_partition_of_fp32_groups"][g] for s in shards]
             pieces = {"param": fp32}
             for key in self.keys:
-                pieces[key] = [b["state"][g][key].view(-1)[:f.numel()] for b, f in zip(bases, fp32)]
+                pieces[key] = [b["state"][g][key].view(-1)[:f.numel()] for b, f in zip(bases, fp32, strict=True)]
             offset = 0
             for k, (name, shape) in enumerate(shapes.items()):
                 spans[name] = (pieces, offset, torch.Size(shape))
@@ -174,7 +175,7 @@ class SavedState:
         # Each rank's flat groups of each kind, read one after another as one vector.
         rank_pieces = [{"param": s["fp32_flat_groups"],
                         **{key: [st[i][key] for i in range(len(s["fp32_flat_groups"]))] for key in self.keys}}
-                       for s, st in zip(shards, states)]
+                       for s, st in zip(shards, states, strict=True)]
         spans, offset = {}, 0  # name -> (start of its piece in every rank's vector, shape)
         for shapes in model_states["param_shapes"]:
             for name, shape in shapes.items():
@@ -239,7 +240,28 @@ def write_gathered(module, path: Path | None, skip: set[str] = frozenset()) -> N
     tensors as it gathers them: besides its shards, a rank holds one module's parameters whole at a time."""
     import deepspeed
 
-    entries, seen = [], set()  # (name, module, attribute, is a parameter) in file order
+    entries = _file_entries(module, skip)
+    by_module: dict[int, list] = {}
+    for entry in entries:
+        by_module.setdefault(id(entry[1]), []).append(entry)
+    with contextlib.ExitStack() as stack:
+        f = None
+        if path is not None:
+            header = _safetensors_header(entries)
+            f = stack.enter_context(open(path, "wb"))
+            f.write(header)
+        for group in by_module.values():
+            params = [getattr(sub, attr) for _, sub, attr, is_param in group if is_param]
+            with deepspeed.zero.GatheredParameters(params):  # read only: released again on exit
+                if f is not None:
+                    for _, sub, attr, _ in group:
+                        tensor = getattr(sub, attr).detach().cpu().contiguous()
+                        f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
+
+
+def _file_entries(module, skip: set[str]) -> list[tuple[str, torch.nn.Module, str, bool]]:
+    """``(name, module, attribute, is a parameter)`` of each tensor :func:`write_gathered` writes, in file order."""
+    entries, seen = [], set()
     for prefix, sub in module.named_modules():
         for attr, p in sub.named_parameters(recurse=False):
             name = f"{prefix}.{attr}" if prefix else attr
@@ -250,35 +272,24 @@ def write_gathered(module, path: Path | None, skip: set[str] = frozenset()) -> N
             name = f"{prefix}.{attr}" if prefix else attr
             if b is not None and attr not in sub._non_persistent_buffers_set and name not in skip:
                 entries.append((name, sub, attr, False))
-    f = None
-    if path is not None:
-        header, offset = {}, 0
-        for name, sub, attr, is_param in entries:
-            t = getattr(sub, attr)
-            shape = list(getattr(t, "ds_shape", t.shape))
-            size = math.prod(shape) * t.element_size()
-            header[name] = {"dtype": SAFETENSORS_DTYPES[str(t.dtype).removeprefix("torch.")], "shape": shape,
-                            "data_offsets": [offset, offset + size]}
-            offset += size
-        header["__metadata__"] = {"format": "pt"}
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
-        f = open(path, "wb")
-        f.write(len(raw).to_bytes(8, "little") + raw)
-    try:
-        by_module: dict[int, list] = {}
-        for entry in entries:
-            by_module.setdefault(id(entry[1]), []).append(entry)
-        for group in by_module.values():
-            params = [getattr(sub, attr) for _, sub, attr, is_param in group if is_param]
-            with deepspeed.zero.GatheredParameters(params):  # read only: released again on exit
-                if f is not None:
-                    for _, sub, attr, _ in group:
-                        tensor = getattr(sub, attr).detach().cpu().contiguous()
-                        f.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
-    finally:
-        if f is not None:
-            f.close()
+    return entries
+
+
+def _safetensors_header(entries: list[tuple[str, torch.nn.Module, str, bool]]) -> bytes:
+    """The length and JSON header a safetensors file of ``entries`` starts with, from their full (ZeRO-3:
+    ``ds_shape``) shapes."""
+    header, offset = {}, 0
+    for name, sub, attr, _ in entries:
+        t = getattr(sub, attr)
+        shape = list(getattr(t, "ds_shape", t.shape))
+        size = math.prod(shape) * t.element_size()
+        header[name] = {"dtype": SAFETENSORS_DTYPES[str(t.dtype).removeprefix("torch.")], "shape": shape,
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
+    return len(raw).to_bytes(8, "little") + raw
 
 
 def load_partitioned(t5, folder: Path, is_main: bool) -> None:

@@ -113,7 +113,7 @@ class ChatServer:
         """Which question, which kind of call and (for a value call) which CoT a request is about."""
         text = "\n".join(m["content"] for m in body["messages"])
         kind = "value" if WAY.search(text) else "sample"  # only a judged CoT holds "way j of n"
-        for qi, (question, gold) in enumerate(self.questions):
+        for qi, (question, _gold) in enumerate(self.questions):
             parts = question.split("</s>") if self.family == "anli1" else [question]
             if all(p.strip() in text for p in parts):
                 way = WAY.search(text) if kind == "value" else None
@@ -216,36 +216,42 @@ class _Handler(BaseHTTPRequestHandler):
             chat.log.append(info | {"attempt": attempt, "action": code})
         if chat.delay_s:
             chat.stop.wait(chat.delay_s)
+        if not self._fail(chat, body, action, code):
+            self._reply(chat, body, key, info, action, code)
+
+    def _fail(self, chat: ChatServer, body: dict, action, code: str) -> bool:
+        """Answer as the plan's failure says, if it names one (a field rejected, an error status, a hang, a dropped
+        connection, a page that is not JSON); False when the request is to be answered."""
         rejected = sorted(chat.rejects & set(body))
         if rejected:
             self._send(400, {"error": {"message": f"Unsupported parameter: '{rejected[0]}' is not supported with "
                                                   "this model.", "type": "invalid_request_error",
                                        "param": rejected[0], "code": "unsupported_parameter"}})
-            return
-        if code == "401echo":
+        elif code == "401echo":
             self._send(401, {"error": {"message": f"invalid key in header {self.headers.get('Authorization')}"}})
-            return
-        if code == "429":
+        elif code == "429":
             self._send(429, {"error": {"message": "rate limited"}}, {"Retry-After": str(action[1])})
-            return
-        if code == "500":
+        elif code == "500":
             self._send(500, {"error": {"message": "internal error"}})
-            return
-        if code == "hang":
+        elif code == "hang":
             chat.stop.wait(action[1] if isinstance(action, tuple) else chat.hang_s)
             self.close_connection = True
-            return
-        if code == "drop":
+        elif code == "drop":
             self.close_connection = True
-            return
-        if code == "nonjson":
+        elif code == "nonjson":
             page = f"<!DOCTYPE html><html><body>Sign in ({self.headers.get('Authorization')})</body></html>".encode()
             self.send_response(200)
             self.send_header("Content-Type", "text/html")
             self.send_header("Content-Length", str(len(page)))
             self.end_headers()
             self.wfile.write(page)
-            return
+        else:
+            return False
+        return True
+
+    def _reply(self, chat: ChatServer, body: dict, key: str, info: dict, action, code: str) -> None:
+        """The completion, shaped as the plan says (fewer choices, one cut or without an answer, a long one, a reply
+        cut in the middle), each choice ending at a stop sequence and cut at the completion limit."""
         texts = chat.choices(info)
         finish = ["stop"] * len(texts)
         if code == "fewer":
@@ -267,7 +273,7 @@ class _Handler(BaseHTTPRequestHandler):
                     chat.cut_texts.add(texts[i])
         payload = {"id": "chatcmpl-test", "object": "chat.completion", "model": body["model"],
                    "choices": [{"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f}
-                               for i, (t, f) in enumerate(zip(texts, finish))],
+                               for i, (t, f) in enumerate(zip(texts, finish, strict=True))],
                    "usage": {"prompt_tokens": sum(len(m["content"]) for m in body["messages"]) // 4,
                              "completion_tokens": sum(len(t) for t in texts) // 4}}
         if self._send(200, payload, cut=code == "truncate"):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import subprocess
@@ -59,6 +60,12 @@ def run_train(tmp_path: Path, args: list[str], nproc: int = 1, deepspeed_json: P
 
 def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_csv(path: Path | str) -> list[dict]:
+    """The rows of a CSV table the tools write (results.csv, runs.csv)."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
 
 
 def log_lines(out: Path, text: str) -> list[str]:

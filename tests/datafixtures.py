@@ -162,7 +162,8 @@ class DataBuilder:
                 write_json(folder / "llm" / f"{split}_CoT_{k}.json", part)
             if prepared:
                 if name.endswith("_tree2"):
-                    rows = [{"input": cot, "label": v} for q in questions for cot, evs in zip(q.cots, q.evals)
+                    rows = [{"input": cot, "label": v} for q in questions
+                            for cot, evs in zip(q.cots, q.evals, strict=True)
                             for v in map(verdict_of, evs) if v is not None]
                 else:
                     rows = [{"input": q.input, "label": q.label} for q in questions]
@@ -364,7 +365,7 @@ def write_seed_format(root: Path) -> Path:
                                  "cost": round((prompt * 0.0015 + completion * 0.002) / 1000, 7)}})
             gt.append({"input": question, "label": gold})
             verdict_rows += [{"input": text, "label": _SEED_VERDICTS[v]}
-                             for text, (_, _, verdicts) in zip(texts, cots) for v in verdicts]
+                             for text, (_, _, verdicts) in zip(texts, cots, strict=True) for v in verdicts]
         for name, rows in (("svamp_tree1", gt), ("svamp_tree2", verdict_rows)):
             folder = root / name
             (folder / "llm").mkdir(parents=True, exist_ok=True)

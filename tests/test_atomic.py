@@ -4,6 +4,7 @@ never stays behind."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -26,7 +27,7 @@ def test_the_old_file_stays_until_the_new_one_is_complete(tmp_path, monkeypatch)
     replace = os.replace
 
     def watching(src, dst):
-        seen.append((os.path.basename(src), open(src).read(), open(dst).read()))
+        seen.append((os.path.basename(src), Path(src).read_text(), Path(dst).read_text()))
         replace(src, dst)
 
     monkeypatch.setattr(atomic.os, "replace", watching)

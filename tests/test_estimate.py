@@ -554,7 +554,7 @@ def distillation_batch(vocab=500, stacked=False):
         return answer + rationale
 
     def rows(ids, mask, _, labels):  # the rows' real tokens, as the data set holds them
-        return [i[m.bool()].tolist() for i, m in zip(ids, mask)], [t[t != -100].tolist() for t in labels]
+        return [i[m.bool()].tolist() for i, m in zip(ids, mask, strict=True)], [t[t != -100].tolist() for t in labels]
 
     (inputs, labels), (expl_inputs, rationales) = rows(*answer), rows(*rationale)
     batch = Collator(0, True, stacked=True)({"input_ids": inputs, "labels": labels, "expl_input_ids": expl_inputs,

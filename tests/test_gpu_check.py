@@ -72,8 +72,9 @@ def test_host_syncs_are_counted_per_step_and_swallowed(tmp_path, monkeypatch):
 
     def fake_step(self, syncs):
         for _ in range(syncs):
-            warnings.warn("called a synchronizing CUDA operation (Triggered internally at c10/cuda/x.cpp:1.)")
-        warnings.warn("something else")
+            warnings.warn("called a synchronizing CUDA operation (Triggered internally at c10/cuda/x.cpp:1.)",
+                          stacklevel=2)
+        warnings.warn("something else", stacklevel=2)
 
     modes = []
     monkeypatch.setattr(loop.Trainer, "train_step", fake_step)

@@ -5,6 +5,7 @@ wrong formula shared by every layout fails these tables even where the layouts a
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -106,7 +107,7 @@ def test_lr_factor_warms_up_then_never_exceeds_peak(scheduler):
     if scheduler == "constant":
         assert decay == [1.0] * len(decay)
     else:
-        assert all(a > b for a, b in zip(decay, decay[1:])) and decay[0] == 1.0 and decay[-1] == pytest.approx(0.0)
+        assert all(a > b for a, b in itertools.pairwise(decay)) and decay[0] == 1.0 and decay[-1] == pytest.approx(0.0)
 
 
 # ---------------------------------------------------------------- AdamW's parameter groups

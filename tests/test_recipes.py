@@ -4,13 +4,13 @@ when run again (the report on hand-made runs: test_report.py)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import shlex
 from pathlib import Path
 
 import pytest
 
+from conftest import read_csv
 from mindmirror import recipes, report
 from mindmirror.data.registry import SELF_EVAL
 
@@ -44,7 +44,7 @@ def test_dry_run_chains_the_stages_and_scales_the_epochs(capsys):
         f = by_output[name]
         assert (f["--model_type"], f["--dataset"], f["--num_train_branches"], f["--num_train_epochs"]) == \
             (model_type, dataset, branches, epochs), name
-    for name, f in by_output.items():  # the paper's hyper-parameters, the seed, the extra flag
+    for f in by_output.values():  # the paper's hyper-parameters, the seed, the extra flag
         assert (f["--batch_size"], f["--lr"], f["--max_input_length"], f["--run"], f["--max_test_samples"]) == \
             ("16", "5e-05", "1024", "3", "9")
         assert f["--from_pretrained"] == "google/t5-v1_1-large"
@@ -138,7 +138,7 @@ def test_two_recipes_end_to_end_make_the_table(tmp_path, monkeypatch, capsys):
 
     # The table.
     assert report.main(["study", "--output_dir", "table"]) == 0
-    rows = list(csv.DictReader(open("table/results.csv")))
+    rows = read_csv("table/results.csv")
     assert [r["title"] for r in rows] == ["standard distillation", "1 CoT + SE"]
     assert float(rows[1]["steps_mean"]) == summary1["final_step"] + summary2["final_step"]
     assert float(rows[1]["test_accuracy_mean"]) == summary2["test_accuracy"]

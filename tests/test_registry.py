@@ -199,8 +199,9 @@ def test_dss_non_consecutive_chunks(data):
 
 def test_dss_cqa(data):
     written = data.cqa_dss(n_train=6, n_test=3, chunks={"train": [4, 2], "test": [3]})
-    recs = {f"{r['question']}\nAnswer Choices:\n" + "\n".join(f"({k}) {c}" for k, c in zip("abcde", r["choices"])):
-            (r, cot) for split in ("train", "test") for r, cot in zip(*written[split])}
+    recs = {f"{r['question']}\nAnswer Choices:\n"
+            + "\n".join(f"({k}) {c}" for k, c in zip("abcde", r["choices"], strict=True)):
+            (r, cot) for split in ("train", "test") for r, cot in zip(*written[split], strict=True)}
     for label_type in ("gt", "llm"):
         out, _ = build_task_rows("cqa", data.root, label_type=label_type)
         assert len(out["train"]) + len(out["valid"]) == 6 and len(out["test"]) == 3
@@ -607,8 +608,8 @@ def test_tree2_prepared_file_with_a_row_for_every_evaluation(data):
     train_qs[4].evals[2][3] = "Evaluation:\n\nThe steps look fine but I ran out of"
     data.tree("svamp_tree2", {"train": train_qs, "test": test_qs})
     path = data.root / "svamp_tree2" / "svamp_tree2_train.json"
-    rows = [{"input": cot, "label": verdict_of(e) or "unclear"} for q in train_qs for cot, evs in zip(q.cots, q.evals)
-            for e in evs]
+    rows = [{"input": cot, "label": verdict_of(e) or "unclear"} for q in train_qs
+            for cot, evs in zip(q.cots, q.evals, strict=True) for e in evs]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     teacher = data.teacher_path("svamp_tree2", "train")
     out, report = strict_then_skipping("svamp_tree2", data.root,

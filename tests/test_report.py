@@ -3,12 +3,12 @@ unreadable summaries skipped, and a root without finished runs refused."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pytest
 
+from conftest import read_csv
 from mindmirror import report
 from mindmirror.data.registry import SELF_EVAL
 
@@ -43,7 +43,7 @@ def test_report_averages_seeds_and_folds_stage_one_into_the_run_it_fed(tmp_path,
     (root / "broken" / "summary.json").write_text("{not json")
     assert report.main([str(root), "--output_dir", str(tmp_path / "table")]) == 0
 
-    rows = list(csv.DictReader(open(tmp_path / "table" / "results.csv")))
+    rows = read_csv(tmp_path / "table" / "results.csv")
     assert [r["experiment"] for r in rows] == ["cot1", "cot1_se", "cot5", "standard b1"]  # recipe order, then the rest
     cot1, se, cot5, hand = rows
     assert cot1["seeds"] == "2" and float(cot1["test_accuracy_mean"]) == pytest.approx(0.3)
@@ -53,7 +53,7 @@ def test_report_averages_seeds_and_folds_stage_one_into_the_run_it_fed(tmp_path,
     assert se["seeds"] == "1" and float(se["test_accuracy_mean"]) == 0.3  # not stage 1's 0.9
     assert float(se["steps_mean"]) == 24 and float(se["wall_s_mean"]) == 11  # both stages
     assert hand["seeds"] == "1" and hand["title"] == "standard b1"
-    assert len(list(csv.DictReader(open(tmp_path / "table" / "runs.csv")))) == 5
+    assert len(read_csv(tmp_path / "table" / "runs.csv")) == 5
     table = (tmp_path / "table" / "results.md").read_text()
     assert "| 1 CoT | tiny | svamp_tree1 | 2 | 0.300 ± 0.141 | 0.500 | 0.600 | 11 ± 1 | 6 ± 1 |" in table
     assert "| 1 CoT + SE | tiny | svamp_tree1 | 1 | 0.300 | - | - | 24 | 11 |" in table

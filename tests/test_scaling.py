@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import csv
 import json
 
 import pytest
 
+from conftest import read_csv
 from mindmirror import bench, scaling
 from mindmirror.launching import LAUNCH_LOG
 
@@ -34,7 +34,7 @@ def test_sweep_records_every_point_skips_finished_ones_and_survives_a_failure(en
     out = env / "study"
     # 120 rows of training data: micro-batch 200 cannot make one step, so that point fails.
     printed = sweep(out, "2,4,200", capsys)
-    rows = list(csv.DictReader(open(out / "results.csv")))
+    rows = read_csv(out / "results.csv")
     assert [r["micro_batch"] for r in rows] == ["2", "4", "200"]
     ok, bad = rows[:2], rows[2]
     for r in ok:

@@ -87,7 +87,7 @@ def test_verdict_probabilities_match_a_plain_forward_pass(tiny):
     cots = ["Mia has 74 fewer. The answer is (98 - 74).", "Add them. The answer is (3 + 4).",
             "Beth kept 73 cards and shared the rest among 7 friends, so each gets 2. The answer is ((87 - 73) / 7)."]
     batched = selfeval.verdict_probabilities(t5, tokenizer, cots, device="cpu", batch_size=2)
-    for cot, p in zip(cots, batched):
+    for cot, p in zip(cots, batched, strict=True):
         enc = tokenizer(["predict: " + cot], return_tensors="pt")
         logp = {}
         for verdict in formats.VERDICTS:
@@ -120,7 +120,7 @@ def test_evaluate_split_records_are_the_models_own_generations(tiny, tmp_path):
         out = t5.generate(input_ids=ids, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
         return tokenizer.decode(out[0], skip_special_tokens=True).strip()
 
-    for row, record in zip(rows, records):
+    for row, record in zip(rows, records, strict=True):
         assert record["input"] == row.input and record["gold"] == row.label
         assert record["prediction"] == own("predict: " + row.input, 10)
         assert record["rationale"] == own("explain: " + row.input, 12)

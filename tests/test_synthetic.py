@@ -90,7 +90,7 @@ def test_gold_labels_are_svamp_equations(small):
 def test_cots_are_right_or_consistently_wrong(small):
     for p in small["train"] + small["test"]:
         assert len(p.cots) == synthetic.NUM_COTS and sum(p.cot_correct) >= 3
-        for cot, right in zip(p.cots, p.cot_correct):
+        for cot, right in zip(p.cots, p.cot_correct, strict=True):
             m = ANSWER_RE.search(cot)
             assert m, cot
             v = value(m.group(1))
@@ -105,9 +105,9 @@ def test_cots_are_right_or_consistently_wrong(small):
 def test_evaluations_fit_their_cot(small):
     for p in small["train"]:
         assert len(p.evaluations) == len(p.verdicts) == synthetic.NUM_COTS
-        for evs, vs in zip(p.evaluations, p.verdicts):
+        for evs, vs in zip(p.evaluations, p.verdicts, strict=True):
             assert len(evs) == len(vs) == synthetic.NUM_EVALS
-            for ev, v in zip(evs, vs):
+            for ev, v in zip(evs, vs, strict=True):
                 assert ev.startswith("Evaluation:\n\n") and VERDICT_RE.search(ev).group(1) == v
                 assert len(ev) <= 260, ev
         values = p.values
@@ -168,14 +168,14 @@ def test_shipped_files_are_consistent(shipped_train_records):
     tree2 = jsonl(DATA / "svamp_tree2" / "svamp_tree2_train.json.gz")
     assert len(shipped_train_records) == len(gt) and len(tree2) == 25 * len(gt)
     completion = 0
-    for i, (rec, row) in enumerate(zip(shipped_train_records, gt)):
+    for i, (rec, row) in enumerate(zip(shipped_train_records, gt, strict=True)):
         step = rec["steps"][0]
         assert rec["idx"] == i and step["step"] == 0 and step["ys"] == [""]
         assert step["x"] == '"input":' + json.dumps(row["input"]) + "\n"
         assert rec["ys"] == step["select_new_ys"] == [step["new_ys"][step["values"].index(max(step["values"]))]]
         assert rec["usage_so_far"]["completion_tokens"] > completion  # cumulative, like the real file
         completion = rec["usage_so_far"]["completion_tokens"]
-        for j, (cot, evs) in enumerate(zip(step["new_ys"], step["value_outputs_list"])):
+        for j, (cot, evs) in enumerate(zip(step["new_ys"], step["value_outputs_list"], strict=True)):
             verdicts = [VERDICT_RE.search(e).group(1) for e in evs]
             assert step["values"][j] == round(sum(synthetic.VERDICT_VALUE[v] for v in verdicts), 3)
             for k, v in enumerate(verdicts):
@@ -186,11 +186,11 @@ def test_shipped_fractions(shipped_train_records):
     gt = jsonl(DATA / "svamp_tree1" / "svamp_tree1_train.json.gz")
     verdicts = Counter()
     wrong = total = 0
-    for rec, row in zip(shipped_train_records, gt):
+    for rec, row in zip(shipped_train_records, gt, strict=True):
         gold = value(row["label"])
         step = rec["steps"][0]
         right_here = 0
-        for cot, evs in zip(step["new_ys"], step["value_outputs_list"]):
+        for cot, evs in zip(step["new_ys"], step["value_outputs_list"], strict=True):
             assert len(cot) <= 220 and cot.endswith(").")
             right = value(ANSWER_RE.search(cot).group(1)) == gold
             right_here += right
@@ -258,9 +258,9 @@ def test_shipped_files_parse_with_the_project_readers():
             rows = formats.read_jsonl(DATA / name / f"{name}_{split}.json")  # finds the .gz
             gt = formats.read_jsonl(DATA / "svamp_tree1" / f"svamp_tree1_{split}.json")
             assert len(records) == len(gt)
-            for rec, row in zip(records[:500], gt):
+            for rec, row in zip(records[:500], gt, strict=False):  # the first 500 records are checked
                 assert rec.question == row["input"]
-                for cot, evs in zip(rec.cots, rec.evaluations):
+                for cot, evs in zip(rec.cots, rec.evaluations, strict=True):
                     answer = formats.tree_cot_answer(cot, "svamp")
                     assert answer and ANSWER_RE.search(cot).group(1) == answer
                     rationale = formats.tree_cot_rationale(cot, "svamp")
@@ -327,11 +327,11 @@ def texts():
     gt = jsonl(DATA / "svamp_tree1" / "svamp_tree1_test.json.gz")
     records = json.loads(read_gz(DATA / "svamp_tree1" / "llm" / "test_CoT_0.json.gz"))
     out = {"input": [], "label": [], "cot_rationale": [], "cot": [], "eval_rationale": []}
-    for row, rec in zip(gt, records):
+    for row, rec in zip(gt, records, strict=True):
         out["input"] += ["predict: " + row["input"], "explain: " + row["input"]]
         out["label"].append(row["label"])
         step = rec["steps"][0]
-        for cot, evs in zip(step["new_ys"], step["value_outputs_list"]):
+        for cot, evs in zip(step["new_ys"], step["value_outputs_list"], strict=True):
             out["cot"].append(cot)
             out["cot_rationale"].append(formats.tree_cot_rationale(cot, "svamp"))
             out["eval_rationale"] += [formats.evaluation_verdict(e)[0] for e in evs]

@@ -106,14 +106,14 @@ def test_writes_the_seed_layout_in_input_order(server, svamp, tmp_path, seed_dir
         records = [r for c in chunks for r in json.loads(c.read_text())]
         assert [r["idx"] for r in records] == list(range(len(gt[split])))
         usage = 0
-        for record, question in zip(records, gt[split]):
+        for record, question in zip(records, gt[split], strict=True):
             assert list(record) == list(seed[0]) and list(record["steps"][0]) == list(seed[0]["steps"][0])
             assert list(record["usage_so_far"]) == list(seed[0]["usage_so_far"])
             step = record["steps"][0]
             assert formats.parse_question_fragment(step["x"]) == question and step["x"].endswith("\n")
             # the paper's text form, though the server's replies start with a space, mostly lack the "Evaluation:"
             # header and go on with a new "Problem:" where the stop sequence does not end them
-            for cot, evals in zip(step["new_ys"], step["value_outputs_list"]):
+            for cot, evals in zip(step["new_ys"], step["value_outputs_list"], strict=True):
                 assert cot == cot.strip() and "Problem:" not in cot and cot.endswith(").")
                 for e in evals:
                     assert e.startswith("Evaluation:\n\nThe given answer (way ") and "Problem:" not in e
@@ -135,7 +135,8 @@ def test_writes_the_seed_layout_in_input_order(server, svamp, tmp_path, seed_dir
         se_rows = [json.loads(line) for line in se_text.split("\n")]
         assert "\n".join(json.dumps(r, separators=(",", ":")) for r in se_rows) == se_text  # the seed's form
         assert se_rows == [{"input": cot, "label": formats.evaluation_verdict(e)[1]} for r in records
-                           for cot, evals in zip(r["steps"][0]["new_ys"], r["steps"][0]["value_outputs_list"])
+                           for cot, evals in zip(r["steps"][0]["new_ys"], r["steps"][0]["value_outputs_list"],
+                                                 strict=True)
                            for e in evals]
     for dataset, model_type, label_type in (("svamp_tree1", "task_prefix_tree1", "gt"),
                                             ("svamp_tree1", "task_prefix_tree1", "llm"),

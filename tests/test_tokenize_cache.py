@@ -13,11 +13,12 @@ import pytest
 from mindmirror.data.registry import TaskRow
 from mindmirror.data.tokenize import default_cache_dir, tokenize_rows, tokenizer_fingerprint
 
-WORDS = ("predict explain the answer is correct wrong uncertain apples Jack has seeds flower bed how many "
-         "points round game Luke scored after playing rounds trivia emails morning evening received total "
-         "crayons pencils rows premise hypothesis entailment neutral contradiction choices river bank so "
-         "he she buys more now gets from her friend stickers Mia each How A different explanation does have "
-         "ABCDEFGHIJKLMNOPQRSTUVWXYZ abcdefghijklmnopqrstuvwxyz").split()
+WORDS = ["predict", "explain", "the", "answer", "is", "correct", "wrong", "uncertain", "apples", "Jack", "has", "seeds",
+         "flower", "bed", "how", "many", "points", "round", "game", "Luke", "scored", "after", "playing", "rounds",
+         "trivia", "emails", "morning", "evening", "received", "total", "crayons", "pencils", "rows", "premise",
+         "hypothesis", "entailment", "neutral", "contradiction", "choices", "river", "bank", "so", "he", "she", "buys",
+         "more", "now", "gets", "from", "her", "friend", "stickers", "Mia", "each", "How", "A", "different",
+         "explanation", "does", "have", "ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz"]
 
 
 def _train_spm(folder, vocab_size: int, seed: int):
@@ -161,7 +162,7 @@ def test_prefixes_and_columns_with_rationale(tok, tmp_path):
     rows = make_rows(3)
     ds = tokenize(rows, tok, tmp_path / "cache", max_input_length=128, max_target_length=128)
     assert {"input_ids", "labels", "expl_input_ids", "rationale_ids"} <= set(ds.column_names)
-    for row, r in zip(ds, rows):
+    for row, r in zip(ds, rows, strict=True):
         assert tok.decode(row["input_ids"], skip_special_tokens=True) == "predict: " + r.input
         assert tok.decode(row["expl_input_ids"], skip_special_tokens=True) == "explain: " + r.input
         assert tok.decode(row["labels"], skip_special_tokens=True) == r.label
@@ -174,7 +175,7 @@ def test_without_rationale_no_prefix_and_no_explain_columns(tok, tmp_path):
     rows = make_rows(3)
     ds = tokenize(rows, tok, tmp_path / "cache", with_rationale=False, max_input_length=128)
     assert "expl_input_ids" not in ds.column_names and "rationale_ids" not in ds.column_names
-    for row, r in zip(ds, rows):
+    for row, r in zip(ds, rows, strict=True):
         decoded = tok.decode(row["input_ids"], skip_special_tokens=True)
         assert decoded == r.input and "predict" not in decoded
         assert tok.decode(row["labels"], skip_special_tokens=True) == r.label

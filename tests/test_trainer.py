@@ -274,7 +274,7 @@ def test_two_nodes_through_multinode_script_match_one_process(baseline, tmp_path
                               env=env | {"NODE_RANK": str(rank)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for rank in (0, 1)]
     outputs = [node.communicate(timeout=600) for node in nodes]
-    for node, (_, err) in zip(nodes, outputs):
+    for node, (_, err) in zip(nodes, outputs, strict=True):
         assert node.returncode == 0, err[-4000:]
     assert "node 1 of 2" in outputs[1][1]
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())

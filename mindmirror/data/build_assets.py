@@ -127,7 +127,7 @@ def bpe_to_unigram(bpe_model: bytes, corpus: list[str]) -> bytes:
     sentences = Counter(corpus)
     texts = list(sentences)  # first-occurrence order: deterministic
     counts = Counter()
-    for text, ids in zip(texts, sp.encode(texts)):
+    for text, ids in zip(texts, sp.encode(texts), strict=True):
         weight = sentences[text]
         for i in ids:
             counts[i] += weight

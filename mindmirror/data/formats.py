@@ -147,7 +147,7 @@ def gt_example(obj: dict, family: str, path: Path, record: int, eos_token: str =
             choices = obj["choices"]
             if len(choices) != 5:
                 raise DataError(path, record, f"expected 5 answer choices, found {len(choices)}")
-            lines = "\n".join(f"({letter}) {c}" for letter, c in zip("abcde", choices))
+            lines = "\n".join(f"({letter}) {c}" for letter, c in zip("abcde", choices, strict=True))
             text, label = f"{obj['question']}\nAnswer Choices:\n{lines}", obj["answer"]
         elif family == "anli1":
             if obj["label"] not in (0, 1, 2):

@@ -177,7 +177,7 @@ class BuildReport:
                 "skipped": [dataclasses.asdict(s) for s in self.skipped]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "BuildReport":
+    def from_dict(cls, d: dict) -> BuildReport:
         return cls(d["rows"], d["questions"], [Skip(**s) for s in d["skipped"]])
 
 
@@ -233,7 +233,8 @@ def _load_questions(spec: DatasetSpec, data_dir: Path, split: str, eos_token: st
                         f"the {split} chunk files ({', '.join(p.name for p in files)}) hold {len(teacher)} "
                         f"records in total, but {path.name} has {len(questions)} questions: "
                         "chunks must add up to the split")
-    for q, t in zip(questions, teacher):
+    # Without chunk files teacher is empty and the questions keep none; with them the counts were checked above.
+    for q, t in zip(questions, teacher, strict=False):
         q.teacher = t
     return questions
 
@@ -272,8 +273,10 @@ def _check_tree2_jsonl(path: Path, teacher: list[formats.TeacherRecord]) -> None
     found = formats.resolve(path)
     if found is None:
         return
+    # A record may list fewer evaluation lists than CoTs: the CoTs left without one give no pair (reported as
+    # "no self-evaluations" when the rows are built).
     pairs = [(cot, (formats.evaluation_verdict(e) or (None, None))[1])
-             for t in teacher for cot, evals in zip(t.cots, t.evaluations) for e in evals]
+             for t in teacher for cot, evals in zip(t.cots, t.evaluations, strict=False) for e in evals]
     with_verdict = [(cot, v) for cot, v in pairs if v is not None]
     prepared = formats.read_jsonl(found)
     if len(prepared) not in (len(with_verdict), len(pairs)):
@@ -281,7 +284,7 @@ def _check_tree2_jsonl(path: Path, teacher: list[formats.TeacherRecord]) -> None
                                      f"{len(with_verdict)} evaluations with a verdict ({len(pairs)} in all): the "
                                      "files are out of step")
     expected = with_verdict if len(prepared) == len(with_verdict) else pairs
-    for i, (obj, (cot, verdict)) in enumerate(zip(prepared, expected)):
+    for i, (obj, (cot, verdict)) in enumerate(zip(prepared, expected, strict=True)):
         if str(obj.get("input", "")).strip() != cot.strip() or \
                 (verdict is not None and str(obj.get("label", "")).strip() != verdict):
             raise DataError(found, i, "does not match the teacher file's CoT and verdict at this position")
@@ -457,20 +460,7 @@ def build_task_rows(dataset: str, data_dir: str | Path | None = None, *, model_t
     skipper = _Skipper(report, strict=strict_data, skip_all=skip_bad_records)
     out: dict[str, list[TaskRow]] = {}
     for split in ("train", "valid", "test"):
-        rows, questions = [], 0
-        for q in splits[split]:
-            try:
-                if q.error is not None:
-                    raise q.error
-                rows_q, bad = (_train_rows(q, spec, model_type, label_type, num_train_branches) if split == "train"
-                               else _eval_rows(q, spec, model_type))
-            except DataError as e:
-                skipper(e, split)
-                continue
-            for error, dropped in bad:
-                skipper(error, split, dropped)
-            rows.extend(rows_q)
-            questions += bool(rows_q)
+        rows, questions = _split_rows(splits[split], split, spec, model_type, label_type, num_train_branches, skipper)
         out[split] = rows
         report.rows[split], report.questions[split] = len(rows), questions
         if not skip_bad_records:
@@ -478,6 +468,27 @@ def build_task_rows(dataset: str, data_dir: str | Path | None = None, *, model_t
         if not rows:
             raise DataError(data_dir / spec.name, None, f"the {split} split has no usable rows")
     return out, report
+
+
+def _split_rows(questions: list[_Question], split: str, spec: DatasetSpec, model_type: str, label_type: str,
+                branches: int, skipper: _Skipper) -> tuple[list[TaskRow], int]:
+    """The rows of one split's questions, and how many questions gave rows. Each bad record or piece met goes to
+    ``skipper``, which raises or records it in the report."""
+    rows, kept = [], 0
+    for q in questions:
+        try:
+            if q.error is not None:
+                raise q.error
+            rows_q, bad = (_train_rows(q, spec, model_type, label_type, branches) if split == "train"
+                           else _eval_rows(q, spec, model_type))
+        except DataError as e:
+            skipper(e, split)
+            continue
+        for error, dropped in bad:
+            skipper(error, split, dropped)
+        rows.extend(rows_q)
+        kept += bool(rows_q)
+    return rows, kept
 
 
 def _check_branches_written(questions: list[_Question], branches: int) -> None:

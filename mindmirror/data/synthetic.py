@@ -39,10 +39,10 @@ import io
 import json
 import math
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Union
 
 from mindmirror.data.formats import VERDICT_VALUE, cot_value
 
@@ -73,7 +73,7 @@ _VERDICTS_IF_WRONG = (("wrong", 0.86), ("uncertain", 0.08), ("correct", 0.06))
 # --------------------------------------------------------------------------------------------
 # Expressions: an int leaf or a tuple (op, left, right).
 # --------------------------------------------------------------------------------------------
-Expr = Union[int, tuple]
+Expr = int | tuple
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
 
 
@@ -774,7 +774,7 @@ def _teacher_records(problems: list[Problem]) -> list[dict]:
     completion = prompt = 0
     for idx, p in enumerate(problems):
         q_tokens = math.ceil(len(p.input) / 4)
-        for cot, evs in zip(p.cots, p.evaluations):
+        for cot, evs in zip(p.cots, p.evaluations, strict=True):
             completion += math.ceil(len(cot) / 4) + sum(math.ceil(len(ev) / 4) for ev in evs)
             prompt += 250 + q_tokens + NUM_EVALS * (220 + q_tokens + math.ceil(len(cot) / 4))
         best = p.best_cot
@@ -819,7 +819,7 @@ def dataset_files(problems: dict[str, list[Problem]]) -> dict[str, str]:
         files[f"svamp_tree2/svamp_tree2_{split}.json"] = "\n".join(
             _json_line({"input": cot, "label": v})
             for p in probs
-            for cot, vs in zip(p.cots, p.verdicts)
+            for cot, vs in zip(p.cots, p.verdicts, strict=True)
             for v in vs
         )
         files[f"svamp_tree2/llm/{split}_CoT_0.json"] = teacher
@@ -862,8 +862,8 @@ def training_corpus(problems: list[Problem] | dict[str, list[Problem]]) -> list[
     out: list[str] = []
     for p in problems:
         out += ["predict: " + p.input, "explain: " + p.input, p.equation]
-        for cot, evs, vs in zip(p.cots, p.evaluations, p.verdicts):
+        for cot, evs, vs in zip(p.cots, p.evaluations, p.verdicts, strict=True):
             out += [cot, _rationale(cot)]
-            for ev, v in zip(evs, vs):
+            for ev, v in zip(evs, vs, strict=True):
                 out += [ev, ev[: ev.rstrip().rfind("\n")].strip(), v]
     return out

@@ -257,7 +257,7 @@ def _dry_run(args, teacher: Teacher, questions: dict, shard: tuple[int, int]) ->
     def line(name, n_questions, plan):
         completion = [plan["completions"] * args.expected_completion_tokens, plan["completions_most"] * args.max_tokens]
         cost = [(prompt * args.prompt_price + c * args.completion_price) / 1000
-                for prompt, c in zip((plan["prompt_tokens"], plan["prompt_tokens_most"]), completion)]
+                for prompt, c in zip((plan["prompt_tokens"], plan["prompt_tokens_most"]), completion, strict=True)]
         print(f"  {name:<6} {n_questions:>9,} {pair(plan['requests'], plan['requests_most']):>19} "
               f"{plan['stored']:>8,} {pair(plan['prompt_tokens'], plan['prompt_tokens_most']):>25} "
               f"{pair(*completion):>25} {pair(*cost, money=True):>23}")

@@ -107,6 +107,16 @@ class Completion:
     completion_tokens: int
 
 
+@dataclass(frozen=True)
+class _Failure:
+    """A try that failed in a way another try may mend: its kind (the key of ``ClientStats.problems``), what
+    happened, and the wait the server asked for."""
+
+    kind: str
+    problem: str
+    retry_after: float | None = None
+
+
 def rejected_field(status: int, text: str, sent: list[str]) -> str | None:
     """The body field a 400/422 reply refuses as unsupported, among the ``sent`` ones, or ``None``.
 
@@ -309,63 +319,77 @@ class ChatClient:
         attempt = 0
         while True:
             await self.limiter.acquire(est_tokens)
-            retry_after = None
-            token_param = self.token_param
-            payload = body | {token_param: max_tokens}
-            async with self._slots:
-                try:
-                    response = await self._exchange(payload, est_tokens)
-                except (asyncio.TimeoutError, httpx2.TimeoutException) as e:
-                    kind, problem = "timeout", f"no response within {self._timeout:g} s"
-                    if isinstance(e, httpx2.ConnectTimeout):
-                        kind, problem = connection_problem(e, self.url)
-                except httpx2.TransportError as e:
-                    kind, problem = connection_problem(e, self.url)
-                else:
-                    status = response.status_code
-                    if status == 200:
-                        try:
-                            completion = self._parse(response)
-                        except NotJSON as e:
-                            kind, problem = "not json", str(e)
-                        except ValueError as e:
-                            kind, problem = "malformed", f"malformed response: {e}"
-                        else:
-                            self.stats.completed += 1
-                            self.stats.prompt_tokens += completion.prompt_tokens
-                            self.stats.completion_tokens += completion.completion_tokens
-                            return completion
-                    else:
-                        detail = f"HTTP {status}: {self.scrub(response.text)}"
-                        if status in FATAL_STATUS:
-                            raise ServerRefused(f"{public_url(self.url)} answered {detail} ({FATAL_STATUS[status]}); "
-                                                "check --base_url, --model and the API key")
-                        rejected = rejected_field(status, response.text,
-                                                  [k for k in payload if k not in ("model", "messages")])
-                        if rejected == token_param:
-                            if token_param == self.token_param:  # not yet switched by a request beside this one
-                                self._switch_token_param(detail)
-                            continue  # the same attempt again, with the other name
-                        if rejected is not None:
-                            self._count("http", failed=True)
-                            raise FieldRejected(rejected, detail)
-                        if not retryable_status(status):
-                            self._count("http", failed=True)
-                            raise RequestFailed(f"{detail} (not retried: the request itself was refused)")
-                        kind, problem = f"http {status}", detail
-                        retry_after = retry_after_seconds(response.headers)
+            outcome = await self._attempt(body, max_tokens, est_tokens)
+            if isinstance(outcome, Completion):
+                return outcome
+            if outcome is None:
+                continue  # the same attempt again, with the other name of the completion limit
+            kind, problem = outcome.kind, outcome.problem
             if self.stats.completed == 0 and kind in ("refused", "dns", "tls", "connect timeout", "not json"):
                 raise ServerRefused(f"{public_url(self.url)}: {problem}; no request has succeeded, so the run stops")
             if attempt == self.retry.max_retries:
                 break
             self._count(kind)
-            delay = self.retry.delay(attempt, retry_after, self._rng)
+            delay = self.retry.delay(attempt, outcome.retry_after, self._rng)
             if kind == "http 429":
                 self.limiter.pause(delay)  # everyone backs off, not just this request
             await asyncio.sleep(delay)
             attempt += 1
         self._count(kind, failed=True)
         raise RequestFailed(f"gave up after {self.retry.max_retries + 1} attempts; the last: {problem}")
+
+    async def _attempt(self, body: dict, max_tokens: int, est_tokens: int) -> Completion | _Failure | None:
+        """One try of :meth:`complete`: its completion, the :class:`_Failure` that another try may mend, or
+        ``None`` when the server rejected the completion limit's name (now switched: try again at once).
+        Raises what no retry mends."""
+        token_param = self.token_param
+        payload = body | {token_param: max_tokens}
+        async with self._slots:
+            try:
+                response = await self._exchange(payload, est_tokens)
+            except (asyncio.TimeoutError, httpx2.TimeoutException) as e:
+                if isinstance(e, httpx2.ConnectTimeout):
+                    return _Failure(*connection_problem(e, self.url))
+                return _Failure("timeout", f"no response within {self._timeout:g} s")
+            except httpx2.TransportError as e:
+                return _Failure(*connection_problem(e, self.url))
+            if response.status_code == 200:
+                return self._completed(response)
+            return self._refused(response, payload, token_param)
+
+    def _completed(self, response: httpx2.Response) -> Completion | _Failure:
+        """A 200 response's completion, counted, or why it holds none."""
+        try:
+            completion = self._parse(response)
+        except NotJSON as e:
+            return _Failure("not json", str(e))
+        except ValueError as e:
+            return _Failure("malformed", f"malformed response: {e}")
+        self.stats.completed += 1
+        self.stats.prompt_tokens += completion.prompt_tokens
+        self.stats.completion_tokens += completion.completion_tokens
+        return completion
+
+    def _refused(self, response: httpx2.Response, payload: dict, token_param: str) -> _Failure | None:
+        """What a response other than 200 means: a retryable :class:`_Failure`, ``None`` when it rejected the
+        completion limit's name ``token_param`` (see :meth:`_switch_token_param`), or an exception raised."""
+        status = response.status_code
+        detail = f"HTTP {status}: {self.scrub(response.text)}"
+        if status in FATAL_STATUS:
+            raise ServerRefused(f"{public_url(self.url)} answered {detail} ({FATAL_STATUS[status]}); "
+                                "check --base_url, --model and the API key")
+        rejected = rejected_field(status, response.text, [k for k in payload if k not in ("model", "messages")])
+        if rejected == token_param:
+            if token_param == self.token_param:  # not yet switched by a request beside this one
+                self._switch_token_param(detail)
+            return None
+        if rejected is not None:
+            self._count("http", failed=True)
+            raise FieldRejected(rejected, detail)
+        if not retryable_status(status):
+            self._count("http", failed=True)
+            raise RequestFailed(f"{detail} (not retried: the request itself was refused)")
+        return _Failure(f"http {status}", detail, retry_after_seconds(response.headers))
 
     def _switch_token_param(self, detail: str) -> None:
         """After a 400 rejecting the completion limit's name: use the other name (``auto`` only, once)."""
@@ -399,20 +423,15 @@ class ChatClient:
                 if wait <= 0:
                     raise asyncio.TimeoutError
                 if copies < HEDGE_MAX_COPIES and self._hedge_after != 0:
-                    delay = self.hedge_delay()
-                    if delay is None:
-                        wait = min(wait, 0.25)  # too few latencies seen yet: look again soon
-                    elif now < last_sent + delay:
-                        wait = min(wait, last_sent + delay - now)
-                    elif len(running) == 2 or self._hedges_in_flight < self._max_hedges:
+                    hedge_in = self._next_hedge_in(now, last_sent, replacing=len(running) == 2)
+                    if hedge_in == 0:
                         if len(running) == 2:  # a newer hedge replaces the older: hung ones must not hold the places
                             dropped.append(running.pop(1 if running[0] is first else 0))
                             dropped[-1].cancel()
                         running.append(asyncio.ensure_future(self._hedge(payload, est_tokens)))
                         copies, last_sent = copies + 1, now
                         continue
-                    else:
-                        wait = min(wait, 0.1)  # due, but as many hedges are out as allowed
+                    wait = min(wait, hedge_in)
                 done, _ = await asyncio.wait(running, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
                 for task in done:
                     running.remove(task)
@@ -427,6 +446,19 @@ class ChatClient:
                 task.cancel()
             if running or dropped:
                 await asyncio.gather(*running, *dropped, return_exceptions=True)
+
+    def _next_hedge_in(self, now: float, last_sent: float, replacing: bool) -> float:
+        """Seconds until an exchange looks again whether to send a hedge, 0 to send one now: it is due
+        :meth:`hedge_delay` after the last copy was sent, and goes when it replaces the exchange's older hedge
+        (``replacing``) or a place among the hedges is free."""
+        delay = self.hedge_delay()
+        if delay is None:
+            return 0.25  # too few latencies seen yet: look again soon
+        if now < last_sent + delay:
+            return last_sent + delay - now
+        if replacing or self._hedges_in_flight < self._max_hedges:
+            return 0.0
+        return 0.1  # due, but as many hedges are out as allowed
 
     async def _hedge(self, payload: dict, est_tokens: int) -> httpx2.Response:
         self._hedges_in_flight += 1

@@ -22,8 +22,8 @@ import collections
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from mindmirror.teacher import replies
 from mindmirror.teacher.client import ChatClient, FieldRejected, RequestFailed, ServerRefused
@@ -104,7 +104,7 @@ class Teacher:
         self._params = {kind: sampling.params(kind) for kind in KINDS}
         # Where a reply is cut: the prompt's next few-shot example, and the stop sequences sent.
         self.markers = {kind: list(dict.fromkeys(replies.few_shot_markers(template) + sampling.stop.get(kind, [])))
-                        for kind, template in zip(KINDS, (prompts.sample, prompts.value))}
+                        for kind, template in zip(KINDS, (prompts.sample, prompts.value), strict=True)}
         self._inflight: dict[str, asyncio.Task] = {}
         self._n_cap = 0  # 1 once the server has rejected the n field
         self.counts: collections.Counter = collections.Counter()  # replies of this run: replies, cut, unparsable
@@ -123,7 +123,7 @@ class Teacher:
         against the redraw bound (a reply cut under a smaller ``max_tokens`` than now does not)."""
         stale = entry.get("max_tokens", 0) < self.sampling.max_tokens
         counted = 0
-        for text, reason in zip(entry["choices"], entry["finish_reasons"]):
+        for text, reason in zip(entry["choices"], entry["finish_reasons"], strict=True):
             if len(draw.texts) == n:
                 break
             written = self.usable(kind, text, reason)
@@ -198,7 +198,7 @@ class Teacher:
     def _count_replies(self, kind: str, entry: dict) -> None:
         """Count this run's replies and stop the run when most are unusable (a wrong --max_tokens or
         prompt costs every question its redraws: better to stop and say so)."""
-        for text, reason in zip(entry["choices"], entry["finish_reasons"]):
+        for text, reason in zip(entry["choices"], entry["finish_reasons"], strict=True):
             self.counts["replies"] += 1
             if self.usable(kind, text, reason) is None:
                 self.counts["cut" if reason == replies.CUT else "unparsable"] += 1
@@ -265,7 +265,7 @@ class Teacher:
             asked[kind] += entry.get("n", len(entry["choices"]))
             returned[kind] += len(entry["choices"])
             unusable[kind] += sum(self.usable(kind, t, r) is None
-                                  for t, r in zip(entry["choices"], entry["finish_reasons"]))
+                                  for t, r in zip(entry["choices"], entry["finish_reasons"], strict=True))
         return {kind: (min(1.0, returned[kind] / asked[kind]) if asked[kind] else 1.0,
                        unusable[kind] / returned[kind] if returned[kind] else 0.0) for kind in KINDS}
 
@@ -365,7 +365,7 @@ class Progress:
 
     def __call__(self, row: dict) -> None:
         sent, prompt, completion, retried, hedged, unusable = (now - before for now, before in
-                                                               zip(self._now(), self.base))
+                                                               zip(self._now(), self.base, strict=True))
         rate = sent / max(time.monotonic() - self.start, 1e-9)
         cost = (prompt * self.prices[0] + completion * self.prices[1]) / 1000
         self.bar.set_postfix_str(f"{sent} req ({rate:.1f}/s), {prompt + completion:,} tok, ${cost:.4f}, "

@@ -204,7 +204,7 @@ def merge(out: Path, family: str, splits: list[str], shards: int) -> tuple[list[
             _write_chunks(folder / "llm", split, chunks)
         gt = _jsonl({"input": r["input"], "label": r["label"]} for r in rows)
         verdicts = _jsonl({"input": cot, "label": formats.evaluation_verdict(e)[1]} for r in rows
-                          for cot, evals in zip(r["cots"], r["evaluations"]) for e in evals)
+                          for cot, evals in zip(r["cots"], r["evaluations"], strict=True) for e in evals)
         for path, text in ((tree1 / f"{family}_tree1_{split}.json", gt),
                            (tree2 / f"{family}_tree2_{split}.json", verdicts)):
             write_atomic(path, text)

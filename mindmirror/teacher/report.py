@@ -42,7 +42,7 @@ def incomplete(rows: list[dict], n: int, m: int) -> dict:
 def split_report(rows: list[dict], records: list[dict], family: str, settings: dict) -> dict:
     """The card of one split from its rows (see ``layout``) and the teacher records written from them."""
     kind = metrics.family_metric(family)
-    answered = [(row, rec) for row, rec in zip(rows, records) if not row["error"]]
+    answered = [(row, rec) for row, rec in zip(rows, records, strict=True) if not row["error"]]
     cots = right_cots = first_right = vote_right = selected_right = 0
     verdicts = {v: 0 for v in (*formats.VERDICTS, "none")}  # none: 0, evaluations without one are left out
     confusion = {side: {v: 0 for v in formats.VERDICTS} for side in ("right_cot", "wrong_cot")}
@@ -56,7 +56,7 @@ def split_report(rows: list[dict], records: list[dict], family: str, settings: d
                                              row["label"], kind)
             selected = rec["steps"][0]["select_new_ys"][0]
             selected_right += right[row["cots"].index(selected)]
-        for is_right, evaluations in zip(right, row["evaluations"]):
+        for is_right, evaluations in zip(right, row["evaluations"], strict=True):
             for evaluation in evaluations:
                 verdict = formats.evaluation_verdict(evaluation)[1]
                 verdicts[verdict] += 1
@@ -139,7 +139,7 @@ def markdown(report: dict) -> str:
     lines.append(markdown_table(["", *names], table))
     settings = [splits[s]["settings"] for s in names]
     groups = [("all splits", settings[0])] if all(s == settings[0] for s in settings) else \
-        [(name, s) for name, s in zip(names, settings)]
+        [(name, s) for name, s in zip(names, settings, strict=True)]
     for title, values in groups:
         lines += ["", f"## Settings ({title})", "", markdown_table(["setting", "value"], values.items())]
     for name in names:

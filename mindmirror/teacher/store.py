@@ -54,7 +54,7 @@ class ResponseStore:
         self._file = None
         if not readonly:
             self.folder.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "ab+")
+            self._file = open(self.path, "ab+")  # noqa: SIM115  (held, and locked, until close())
             try:
                 fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
