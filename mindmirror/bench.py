@@ -12,7 +12,9 @@ threads:
   more mindmirror runs with other flags, to measure one change at a time).
 
 Throughput is samples (questions) per second over the steps after ``--warmup_steps``, timed from
-the end of one optimizer step to the end of the next (data loading included on both sides).
+the end of one optimizer step to the end of the next (data loading included on both sides), by the
+same clock on both sides (:mod:`mindmirror.stepclock`), which also splits each step's time into
+data, forward, backward, clipping, optimizer and the rest.
 The ratio is mindmirror / baseline. ``--repeats`` alternates the runs to even out machine noise;
 the median is reported.
 """
@@ -30,11 +32,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 from mindmirror import runfiles
 from mindmirror.collate import grouping_lengths, step_batches
 from mindmirror.data.loader import token_lengths
+from mindmirror.stepclock import PHASES, StepClock
 
 WORKER_FLAG = "--_worker"
 
@@ -79,25 +80,28 @@ def run_mindmirror(args, extra: list[str], workdir: Path) -> dict:
     from transformers import HfArgumentParser
 
     from mindmirror.config import TrainConfig
-    from mindmirror.loop import train
+    from mindmirror.loop import Trainer, train
+    from mindmirror.objective import DistillationObjective
 
     flags = common_trainer_args(args) + ["--output_dir", str(workdir / "out")] + extra
     (cfg,) = HfArgumentParser(TrainConfig).parse_args_into_dataclasses(flags)
     cfg.validate()
     t0 = time.time()
-    train(cfg)
+    with StepClock() as clock:
+        clock.wrap(Trainer, "collate_step", "data")  # the step's rows read and collated
+        clock.wrap(DistillationObjective, "forward", "forward")
+        train(cfg)
     wall = time.time() - t0
     records = [json.loads(line) for line in (workdir / "out" / runfiles.METRICS).read_text().splitlines()]
-    steps = [r for r in records if "samples_per_s" in r]
-    step_times = [args.batch_size / r["samples_per_s"] for r in steps]  # logging_steps 1: one step per record
-    return {"step_times": step_times, "wall_s": wall, "final_loss": steps[-1]["loss"]}
+    losses = [r["loss"] for r in records if "samples_per_s" in r]
+    return {"wall_s": wall, "final_loss": losses[-1], "split": clock.split(skip=args.warmup_steps)}
 
 
 def run_baseline(args, workdir: Path) -> dict:
     """The original code's trainer: one forward per task, random batches padded by the collator."""
     import torch
     from datasets import Dataset
-    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
+    from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments
     from transformers.trainer_utils import set_seed
 
     from mindmirror.model import load_model
@@ -123,12 +127,6 @@ def run_baseline(args, workdir: Path) -> dict:
             loss = 0.5 * pred_outputs.loss + 0.5 * expl_outputs.loss
             return (loss, {"pred": pred_outputs, "expl": expl_outputs}) if return_outputs else loss
 
-    step_ends: list[float] = []
-
-    class Clock(TrainerCallback):
-        def on_step_end(self, *a, **k):
-            step_ends.append(time.perf_counter())
-
     set_seed(args.seed)
     model = load_model(cfg.from_pretrained, tokenizer, cfg.random_init, vocab_size=cfg.vocab_size,
                        speedups=False)  # the stock transformers model, as the original code trains
@@ -138,21 +136,19 @@ def run_baseline(args, workdir: Path) -> dict:
         bf16=args.bf16, use_cpu=not torch.cuda.is_available(), remove_unused_columns=False, save_strategy="no",
         eval_strategy="no", logging_strategy="no", report_to="none", disable_tqdm=True, optim="adamw_torch")
     trainer = TaskPrefixTrainer(model=model, args=training_args, train_dataset=features,
-                                data_collator=TaskPrefixDataCollator(tokenizer=tokenizer, model=model),
-                                callbacks=[Clock()])
+                                data_collator=TaskPrefixDataCollator(tokenizer=tokenizer, model=model))
     start = time.perf_counter()
-    result = trainer.train()
-    step_times = np.diff([start] + step_ends).tolist()
-    return {"step_times": step_times, "wall_s": time.perf_counter() - start, "final_loss": result.training_loss}
+    with StepClock() as clock:
+        clock.wrap(Dataset, "__getitems__", "data")  # the rows read
+        clock.wrap(TaskPrefixDataCollator, "__call__", "data")
+        clock.wrap(TaskPrefixTrainer, "compute_loss", "forward")
+        result = trainer.train()
+    return {"wall_s": time.perf_counter() - start, "final_loss": result.training_loss,
+            "split": clock.split(skip=args.warmup_steps)}
 
 
 # ---------------------------------------------------------------------------------------------
 # the driver
-
-
-def throughput(step_times: list[float], batch: int, warmup: int) -> float:
-    timed = step_times[warmup:] or step_times
-    return batch * len(timed) / sum(timed)
 
 
 def spawn(args, role: str, extra: list[str], workdir: Path) -> dict:
@@ -221,6 +217,7 @@ def run(argv: list[str] | None = None) -> dict | None:
           f"({args.warmup_steps} untimed), {'bf16' if args.bf16 else 'fp32'}, {args.repeats} repeat(s)", flush=True)
 
     samples: dict[str, list[float]] = {name: [] for name, _ in runs}
+    splits: dict[str, list[dict]] = {name: [] for name, _ in runs}
     losses: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="mindmirror-bench-") as tmp:
         for r in range(args.repeats):
@@ -228,7 +225,8 @@ def run(argv: list[str] | None = None) -> dict | None:
                 workdir = Path(tmp) / f"{name}-{r}"
                 workdir.mkdir()
                 result = spawn(args, "baseline" if name == "baseline" else "mindmirror", extra, workdir)
-                samples[name].append(throughput(result["step_times"], args.batch_size, args.warmup_steps))
+                samples[name].append(args.batch_size / result["split"]["step"])
+                splits[name].append(result["split"])
                 losses[name] = result["final_loss"]
                 print(f"  {name:<12} repeat {r + 1}: {samples[name][-1]:7.2f} samples/s "
                       f"(run wall {result['wall_s']:.0f} s)", flush=True)
@@ -241,13 +239,25 @@ def run(argv: list[str] | None = None) -> dict | None:
                                           for name, value in figures.items()])]
     lines += ["", f"padding fraction over one epoch: random batches {padding['random']:.1%}, "
                   f"length-grouped {padding['grouped']:.1%}"]
+    split = {name: {key: statistics.median(s[key] for s in v) for key in v[0]} for name, v in splits.items()}
+    lines += ["", "time per optimizer step (ms; median over repeats of each run's mean over its timed steps):", "",
+              split_table(split)]
     print("\n".join(lines), flush=True)
     report = {"args": {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "argv"},
-              "samples_per_s": figures, "all_samples_per_s": samples, "padding": padding,
+              "samples_per_s": figures, "all_samples_per_s": samples, "padding": padding, "split": split,
               "ratio": figures["mindmirror"] / base if base else None, "final_loss": losses}
     if args.output:
         Path(args.output).write_text(json.dumps(report, indent=2))
     return report
+
+
+def split_table(split: dict[str, dict[str, float]]) -> str:
+    """The runs' per-step time split (:mod:`mindmirror.stepclock`) as a Markdown table, one column per run."""
+    names = list(split)
+    rows = [[phase] + [f"{split[n][phase] * 1e3:.0f}" for n in names] for phase in (*PHASES, "step")]
+    rows.append(["host reads (count)"] + [f"{split[n]['host_reads']:.0f}" for n in names])
+    rows.append(["host reads (ms, inside the phases)"] + [f"{split[n]['host_read_s'] * 1e3:.1f}" for n in names])
+    return runfiles.markdown_table(["phase", *names], rows)
 
 
 def train_table(args):

@@ -12,8 +12,8 @@ A step never waits for the device (no device-to-host read) except at logging ste
 come from the rows' lengths, known on every rank; the stop vote is a sum over a CPU (gloo) group, started at
 the end of a step and read at the start of the next; a non-finite step is skipped on the device (a fused
 AdamW's ``found_inf``, or DeepSpeed's own check) and the loop reads the steps' finiteness and gradient norms
-at the next log line. Only a non-fused optimizer (the CPU default, where the device is the host) needs the
-finiteness before its step. So the host collates the next step while the device works on this one.
+at the next log line. Only a non-fused optimizer (a foreach AdamW resumed from a checkpoint it saved) needs
+the finiteness before its step. So the host collates the next step while the device works on this one.
 """
 
 from __future__ import annotations

@@ -70,9 +70,9 @@ def clip_and_step(run: Run) -> tuple[torch.Tensor, torch.Tensor | bool]:
 
     DeepSpeed clips and steps inside the engine, its own overflow check skipping a non-finite step (fp32 and
     fp16, and bf16 with check_grad_overflow); the norm is the engine's own. A fused AdamW (what the trainer
-    builds on GPUs) skips on the device: ``found_inf``, as ``torch.amp.GradScaler`` uses it, leaves
-    parameters, moments and step counts as they were. Any other optimizer (the CPU default, foreach AdamW,
-    where the device is the host anyway) is stepped only after the flag is read."""
+    builds) skips on the device: ``found_inf``, as ``torch.amp.GradScaler`` uses it, leaves parameters, moments
+    and step counts as they were. Any other optimizer (a foreach AdamW resumed from a checkpoint that one saved)
+    is stepped only after the flag is read."""
     objective, optimizer, accelerator = run.objective, run.optimizer, run.accelerator
     if run.layout.deepspeed:
         norm = objective.get_global_grad_norm()  # the engine's tensor (Accelerate's helper would read it)
@@ -81,7 +81,10 @@ def clip_and_step(run: Run) -> tuple[torch.Tensor, torch.Tensor | bool]:
     grad_norm = accelerator.clip_grad_norm_(objective.parameters(), run.cfg.max_grad_norm or float("inf"))
     torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
     finite = torch.isfinite(grad_norm)
-    if torch_optimizer.defaults.get("fused") and getattr(accelerator, "scaler", None) is None:
+    # Every group: a checkpoint saved by a foreach AdamW brings its groups' foreach flag back with it (torch's
+    # load_state_dict keeps a saved group's settings), and that run goes on as it began.
+    fused = all(group.get("fused") for group in torch_optimizer.param_groups)
+    if fused and getattr(accelerator, "scaler", None) is None:
         torch_optimizer.found_inf = (~finite).float()
         optimizer.step()
     else:

@@ -28,15 +28,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from mindmirror import build, loop
 from mindmirror.config import parse_args
 
-if sys.argv[1] == "fused":  # the optimizer the trainer builds on a GPU (optim.build_optimizer), here on CPU
+if sys.argv[1] == "foreach":  # a non-fused AdamW (as a run saved by one resumes), in place of the trainer's fused
     build_default = build.build_optimizer
 
-    def build_fused(cfg, model, ds_config):
-        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]}
+    def build_foreach(cfg, model, ds_config):
+        groups = [{k: v for k, v in g.items() if k not in ("fused", "foreach")}
                   for g in build_default(cfg, model, ds_config).param_groups]
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)
+        return torch.optim.AdamW(groups, foreach=True)
 
-    build.build_optimizer = build_fused
+    build.build_optimizer = build_foreach
 
 
 def adam_step_counter(t) -> bool:
@@ -116,9 +116,9 @@ def check_the_skip(result, metrics):
 
 
 def test_no_host_read_between_logging_steps(tmp_path):
-    """With a fused AdamW (the trainer's optimizer on GPUs) a non-finite step is skipped on the device, and the
-    loop reads the steps' finiteness and gradient norm at the log line: 0 reads and 0 copies in every other step."""
-    result, metrics = probe(tmp_path, "fused")
+    """With the trainer's fused AdamW a non-finite step is skipped on the device, and the loop reads the steps'
+    finiteness and gradient norm at the log line: 0 reads and 0 copies in every other step."""
+    result, metrics = probe(tmp_path, "default")
     for s in result["per_step"]:
         if s["step"] % LOGGING:
             assert s["reads"] == 0 and s["copies"] == 0, result["per_step"]
@@ -128,9 +128,9 @@ def test_no_host_read_between_logging_steps(tmp_path):
 
 
 def test_a_non_fused_optimizer_reads_only_the_finiteness_before_its_step(tmp_path):
-    """torch's foreach AdamW (the CPU default, where the device is the host) cannot skip a step on the device:
-    the loop reads the norm's finiteness before stepping, and nothing else."""
-    result, metrics = probe(tmp_path, "default")
+    """torch's foreach AdamW (a run saved by one resumes with it) cannot skip a step on the device: the loop
+    reads the norm's finiteness before stepping, and nothing else."""
+    result, metrics = probe(tmp_path, "foreach")
     for s in result["per_step"]:
         if s["step"] % LOGGING:
             assert s["reads"] == 1 and s["copies"] == 0, result["per_step"]

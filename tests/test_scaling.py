@@ -85,3 +85,10 @@ def test_benchmark_small_mode_prints_both_sides(env, capsys):
     assert "| baseline |" in text and "| mindmirror |" in text and "padding fraction" in text
     # Both sides really trained: finite losses.
     assert all(loss == loss and loss > 0 for loss in report["final_loss"].values())
+    # The same clock times both sides and splits their steps: every phase measured, adding up to the step.
+    for name, split in report["split"].items():
+        assert report["samples_per_s"][name] == pytest.approx(4 / split["step"])
+        assert all(split[phase] > 0 for phase in ("data", "forward", "backward", "clip", "optimizer")), name
+        assert sum(split[phase] for phase in bench.PHASES) == pytest.approx(split["step"])
+    assert report["split"]["baseline"]["host_reads"] > report["split"]["mindmirror"]["host_reads"]
+    assert "| forward |" in text and "| host reads (count) |" in text
