@@ -1,14 +1,14 @@
 """Which rows go into which micro-batch, and how a micro-batch becomes tensors.
 
 Batching choice: each micro-batch holds its answer rows (``predict:``) and its rationale rows
-(``explain:``) as two tensors, padded separately and run as two passes inside one forward. Stacking
-both into one tensor of 2B rows pads the short answers (~17 tokens) to the rationale's length
-(~55): measured on 2 CPU cores with the tiny model, batch 64, one step took 0.58 s stacked and
-0.50 s as two passes, so two passes it is, except under ZeRO-3 (``stacked``): there a module
-called twice in one forward is never released by DeepSpeed after its backward (each call resets
-its pending-gradient count), and autograd holds the second pass's whole gradient until the first
-pass's backward, so the whole model ends every backward gathered on every rank (docs/benchmarks.md,
-"ZeRO-3 memory per rank"). Rows are grouped by length inside large shuffled windows, which cuts
+(``explain:``) as two sets of tensors, each padded to its own lengths. The objective runs both tasks'
+questions as one encoder pass (they differ by their prefix only) and each task's decoder as a pass of
+its own: stacking the decoders into one tensor of 2B rows pads the short answers (~17 tokens) to the
+rationale's length (~55); measured on 2 CPU cores with the tiny model, batch 64, one step took 0.58 s
+stacked and 0.50 s as two passes. Under ZeRO-3 the collator stacks all four (``stacked``): there a
+module called twice in one forward is never released by DeepSpeed after its backward (each call resets
+its pending-gradient count), so every module called twice ends every backward gathered on every rank
+(docs/benchmarks.md, "ZeRO-3 memory per rank"). Rows are grouped by length inside large shuffled windows, which cuts
 padding without giving up randomness between steps.
 
 Step batches are built globally (the same rows for the same seed, epoch and global batch size),

@@ -224,19 +224,20 @@ def _ffn_saved(c, dropout: bool) -> int:
     return 4 if _gated(c) else 2  # an activation that saves its input (F.gelu, silu, ...)
 
 
-def _task_activations(c, batch: int, enc_len: int, dec_len: int, targets: int, size: int, mask_size: int,
-                      dropout: bool) -> dict[str, int]:
-    """Saved-for-backward bytes of one task (encoder + decoder + head), split for checkpointing."""
+def _pass_activations(c, size: int, mask_size: int, dropout: bool, batch: int, enc_len: int,
+                      decoders: list[tuple[int, int, int]]) -> dict[str, int]:
+    """Saved-for-backward bytes of one encoder pass over ``batch`` rows of ``enc_len`` tokens and of the decoder
+    passes ``decoders`` (``(rows, dec_len, targets)`` each, attending to as many encoder rows), their targets
+    going through the head; split for checkpointing."""
     d, inner, ff, h, vocab = c.d_model, _inner(c), c.d_ff, c.num_heads, c.vocab_size
     upcast = 4 if size != 4 else 0  # RMSNorm saves an fp32 copy of a half-precision input
-    e, t = batch * enc_len, batch * dec_len
     drop = int(dropout)
 
     def norm(n: int, out_saved: bool = True) -> int:  # input (+fp32 copy), normalised, output; rsqrt (fp32)
         return n * d * (2 * size + upcast + size * out_saved) + 4 * n
 
-    def attention(q_len: int, k_len: int) -> int:
-        n_q, n_k, pairs = batch * q_len, batch * k_len, batch * h * q_len * k_len
+    def attention(rows: int, q_len: int, k_len: int) -> int:
+        n_q, n_k, pairs = rows * q_len, rows * k_len, rows * h * q_len * k_len
         saved = norm(n_q)  # its output feeds q, and k and v too unless cross-attention (they read the encoder)
         saved += (2 * n_q + 2 * n_k) * inner * size  # contiguous q, k, v copies for the bmm; o's input
         saved += pairs * size  # softmax output
@@ -246,23 +247,28 @@ def _task_activations(c, batch: int, enc_len: int, dec_len: int, targets: int, s
     def ffn(n: int) -> int:
         return norm(n) + n * ff * (_ffn_saved(c, dropout) * size + drop) + drop * n * d
 
-    enc_block = attention(enc_len, enc_len) + ffn(e)
-    dec_block = attention(dec_len, dec_len) + attention(dec_len, enc_len) + ffn(t)  # self, cross, FFN
+    # the encoder: its blocks; outside them its token ids and embedding dropout, bucket ids, final norm and
+    # dropout (its output is saved once for every cross-attention k/v); checkpointed blocks keep each block's
+    # input, the shared position bias and the mask
+    e = batch * enc_len
+    enc_block = attention(batch, enc_len, enc_len) + ffn(e)
+    outside = e * INDEX_BYTES + drop * e * d + norm(e) + drop * e * d
+    full = c.num_layers * enc_block + outside + enc_len ** 2 * INDEX_BYTES  # the buckets: recomputed if checkpointed
+    kept = c.num_layers * e * d * size + (h + batch) * enc_len ** 2 * size
+    block = enc_block + enc_len ** 2 * INDEX_BYTES
     n_dec = _decoder_layers(c)
-    # outside the blocks: token ids and embedding dropout, bucket ids, final norms (the encoder's output
-    # is saved once for every cross-attention k/v), and the loss's inputs
-    outside = (e + t) * INDEX_BYTES + drop * (e + t) * d
-    outside += norm(e) + drop * e * d + norm(t, out_saved=False) + drop * t * d
-    # the target positions (index_select's index), lm_head input, fp32 logits, targets; nll_loss's total weight
-    outside += targets * (INDEX_BYTES + d * size + vocab * 4 + INDEX_BYTES) + 4
-    buckets = (enc_len ** 2 + dec_len ** 2) * INDEX_BYTES
-    # what checkpointed blocks keep: each block's input, the shared position biases and the masks
-    kept = (c.num_layers * e + n_dec * t) * d * size
-    kept += h * (enc_len ** 2 + dec_len ** 2 + dec_len * enc_len) * size
-    kept += batch * (enc_len ** 2 + dec_len ** 2 + dec_len * enc_len) * size
-    return {"full": c.num_layers * enc_block + n_dec * dec_block + outside + buckets,
-            "checkpointed": outside + kept, "block": max(enc_block + enc_len ** 2 * INDEX_BYTES,
-                                                         dec_block + dec_len ** 2 * INDEX_BYTES)}
+    for rows, dec_len, targets in decoders:
+        t = rows * dec_len
+        dec_block = attention(rows, dec_len, dec_len) + attention(rows, dec_len, enc_len) + ffn(t)  # self, cross, FFN
+        # token ids, embedding dropout, final norm and dropout; the target positions (index_select's index),
+        # lm_head input, fp32 logits, targets; nll_loss's total weight
+        dec_outside = t * INDEX_BYTES + drop * t * d + norm(t, out_saved=False) + drop * t * d
+        dec_outside += targets * (INDEX_BYTES + d * size + vocab * 4 + INDEX_BYTES) + 4
+        full += n_dec * dec_block + dec_outside + dec_len ** 2 * INDEX_BYTES
+        outside += dec_outside
+        kept += n_dec * t * d * size + (h + rows) * (dec_len ** 2 + dec_len * enc_len) * size
+        block = max(block, dec_block + dec_len ** 2 * INDEX_BYTES)
+    return {"full": full, "checkpointed": outside + kept, "block": block}
 
 
 def activation_bytes(config, micro_batch: int, enc_len: int, dec_len: int, precision: str = "bf16",
@@ -273,11 +279,13 @@ def activation_bytes(config, micro_batch: int, enc_len: int, dec_len: int, preci
     """Bytes autograd keeps for the backward of one training micro-batch of the distillation objective.
 
     Both tasks run in one forward, so the answer task (``enc_len``/``dec_len``) and the rationale task
-    (``rationale_enc_len``/``rationale_dec_len``, default the answer's) are alive together. By default they
-    run as two passes of ``micro_batch`` rows, each padded to its own lengths (what the trainer runs under DDP
-    and ZeRO-1/2). ``stacked`` (with the rationale task) is the batch the trainer runs under ZeRO-3
-    (:class:`mindmirror.collate.Collator`'s ``stacked``): one pass of ``2 x micro_batch`` rows, both tasks padded
-    to the longer encoder and the longer decoder length; only the real targets reach the head. Targets default
+    (``rationale_enc_len``/``rationale_dec_len``, default the answer's) are alive together. By default (what the
+    trainer runs under DDP and ZeRO-1/2, :class:`mindmirror.objective.DistillationObjective`) both tasks'
+    questions run as one encoder pass of ``2 x micro_batch`` rows at the longer encoder length, and each task's
+    decoder as a pass of ``micro_batch`` rows at its own length. ``stacked`` (with the rationale task) is the
+    batch the trainer runs under ZeRO-3 (:class:`mindmirror.collate.Collator`'s ``stacked``): the decoders, too,
+    run as one pass of ``2 x micro_batch`` rows at the longer decoder length; only the real targets reach the
+    head. Targets default
     to every decoder position of the task's own length. The model is transformers' eager T5 (see the module
     docstring); per layer: norm inputs/outputs (plus an fp32 copy under bf16) and rsqrt, contiguous q/k/v copies
     and o's input, softmax output ``b*h*Lq*Lk``, the FFN's GELU intermediates, dropout masks when ``dropout_rate > 0``
@@ -300,21 +308,18 @@ def activation_bytes(config, micro_batch: int, enc_len: int, dec_len: int, preci
     """
     size = {"fp32": 4, "bf16": 2}[precision]
     dropout = getattr(config, "dropout_rate", 0.0) > 0
-    rows = micro_batch
-    targets = micro_batch * dec_len if target_tokens is None else target_tokens
-    tasks = [(enc_len, dec_len, targets)]
-    if rationale:
-        r_enc = enc_len if rationale_enc_len is None else rationale_enc_len
-        r_dec = dec_len if rationale_dec_len is None else rationale_dec_len
-        r_targets = micro_batch * r_dec if rationale_target_tokens is None else rationale_target_tokens
-        tasks.append((r_enc, r_dec, r_targets))
-        if stacked:  # one pass: 2B rows at the longer task's lengths, both tasks' targets
-            rows = 2 * micro_batch
-            tasks = [(max(enc_len, r_enc), max(dec_len, r_dec), targets + r_targets)]
-    parts = [_task_activations(config, rows, e, d, t, size, dropout_mask_bytes, dropout) for e, d, t in tasks]
-    if not gradient_checkpointing:
-        return sum(p["full"] for p in parts)
-    return sum(p["checkpointed"] for p in parts) + max(p["block"] for p in parts)
+    b = micro_batch
+    targets = b * dec_len if target_tokens is None else target_tokens
+    if not rationale:
+        enc_rows, decoders = b, [(b, dec_len, targets)]
+    else:
+        enc_len = max(enc_len, enc_len if rationale_enc_len is None else rationale_enc_len)  # one encoder pass
+        enc_rows, r_dec = 2 * b, dec_len if rationale_dec_len is None else rationale_dec_len
+        r_targets = b * r_dec if rationale_target_tokens is None else rationale_target_tokens
+        decoders = [(2 * b, max(dec_len, r_dec), targets + r_targets)] if stacked else \
+            [(b, dec_len, targets), (b, r_dec, r_targets)]
+    part = _pass_activations(config, size, dropout_mask_bytes, dropout, enc_rows, enc_len, decoders)
+    return part["checkpointed"] + part["block"] if gradient_checkpointing else part["full"]
 
 
 # ---------------------------------------------------------------------------------------------

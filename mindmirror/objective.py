@@ -39,60 +39,87 @@ class DistillationObjective(nn.Module):
 
     The answer task's tensors are ``input_ids``, ``attention_mask``, ``decoder_input_ids`` and
     ``labels``; the rationale task's the same names with an ``expl_`` prefix (absent for the
-    ``standard`` model). Both passes run inside one ``forward`` so DDP and DeepSpeed see one forward
-    and one backward per micro-batch. A stacked batch (:class:`mindmirror.collate.Collator`'s ``stacked``:
-    both tasks' rows in the first four tensors, no ``expl_`` tensors but ``expl_target_positions``) runs in
-    one pass of the model: every module is called once per forward, which ZeRO-3 needs to release what it
-    gathered as the backward goes.
+    ``standard`` model). Both tasks run inside one ``forward`` so DDP and DeepSpeed see one forward
+    and one backward per micro-batch: one encoder pass over both tasks' questions (their widths differ by a
+    token or two, so stacking them costs almost no padding and halves the encoder's calls), one decoder pass
+    per task (a rationale is ~3x an answer, so stacking the decoders would pad the answers to it), one call of
+    the embedding for every token id and one of the output projection for every target. A stacked batch
+    (:class:`mindmirror.collate.Collator`'s ``stacked``: both tasks' rows in the first four tensors, no ``expl_``
+    tensors but ``expl_target_positions``) runs in one pass of the model: every module is called once per
+    forward, which ZeRO-3 needs to release what it gathered as the backward goes.
     """
 
     def __init__(self, t5: nn.Module):
         super().__init__()
         self.t5 = t5
 
-    def token_loss_sums(self, input_ids, attention_mask, decoder_input_ids, labels, groups):
-        """The summed cross-entropy of the target tokens at each of ``groups`` (flat indices of real targets, one
-        tensor per task), in one pass of the model (the output projection, too, runs once on all of them)."""
+    def embed(self, ids: list[torch.Tensor]) -> list[torch.Tensor]:
+        """T5's shared embedding of each id tensor, in one call: the table's gradient is then one buffer filled
+        once, not one per call added up (for t5-v1_1-small a 32,128 x 512 table: 66 MB zeroed and added per call)."""
+        flat = self.t5.get_input_embeddings()(torch.cat([i.reshape(-1) for i in ids]) if len(ids) > 1 else ids[0])
+        return [part.view(*i.shape, -1) for part, i in zip(flat.split([i.numel() for i in ids]), ids, strict=True)]
+
+    def token_loss_sums(self, input_ids, attention_mask, decoders) -> list[torch.Tensor]:
+        """The summed cross-entropy of each group of targets, from one encoder pass over ``input_ids`` and one
+        decoder pass per entry of ``decoders``: ``(decoder_input_ids, labels, groups)``, each decoder attending
+        to as many encoder rows as it has rows, in order, and ``groups`` the flat indices of its real targets, one
+        tensor per group. The output projection runs once, on every group's targets."""
         t5 = self.t5
+        embedded = self.embed([input_ids] + [decoder[0] for decoder in decoders])
         attention_mask = prepared_mask(attention_mask, t5.config)
-        encoded = t5.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
-        hidden = t5.decoder(input_ids=decoder_input_ids, encoder_hidden_states=encoded,
-                            encoder_attention_mask=attention_mask)[0]
-        positions = groups[0] if len(groups) == 1 else torch.cat(groups)
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        encoded = t5.encoder(inputs_embeds=embedded[0], attention_mask=attention_mask)[0]
+        rows = [decoder[0].shape[0] for decoder in decoders]  # split, not sliced: a slice's backward zero-fills
+        encoded, attention_mask = (encoded,), (attention_mask,)  # the whole of its input for each slice
+        if len(rows) > 1:
+            encoded, attention_mask = encoded[0].split(rows), attention_mask[0].split(rows)
+        hidden, targets = [], []
+        for (_, labels, groups), inputs_embeds, states, mask in zip(decoders, embedded[1:], encoded, attention_mask,
+                                                                      strict=True):
+            out = t5.decoder(inputs_embeds=inputs_embeds, encoder_hidden_states=states, encoder_attention_mask=mask)[0]
+            for positions in groups:
+                hidden.append(out.reshape(-1, out.shape[-1]).index_select(0, positions))
+                targets.append(labels.reshape(-1).index_select(0, positions))
+        hidden = hidden[0] if len(hidden) == 1 else torch.cat(hidden)
         # Original T5 scales the decoder output before its tied projection; t5-v1_1 does not.
         if getattr(t5.config, "scale_decoder_outputs", t5.config.tie_word_embeddings):
             hidden = hidden * (t5.config.d_model ** -0.5)
         logits = t5.lm_head(hidden).float()
-        targets = labels.reshape(-1).index_select(0, positions)
-        if len(groups) == 1:
-            return [F.cross_entropy(logits, targets, reduction="sum")]
-        sums, start = [], 0
-        for group in groups:  # slices by the groups' sizes: tensor shapes, known without a device read
-            end = start + group.shape[0]
-            sums.append(F.cross_entropy(logits[start:end], targets[start:end], reduction="sum"))
-            start = end
-        return sums
+        if len(targets) == 1:
+            return [F.cross_entropy(logits, targets[0], reduction="sum")]
+        # one cross-entropy, its per-token losses summed by group (the groups' sizes are tensor shapes, known
+        # without a device read): slicing the logits instead would zero-fill a gradient of their size per group
+        losses = F.cross_entropy(logits, torch.cat(targets), reduction="none")
+        return [part.sum() for part in losses.split([t.shape[0] for t in targets])]
 
     def token_loss_sum(self, input_ids, attention_mask, decoder_input_ids, labels, target_positions=None):
         """The summed cross-entropy of one task's target tokens. ``target_positions`` (the flat indices of the
         real targets, from the collator) select them without a host sync; without them they are found here."""
         if target_positions is None:
             target_positions = find_target_positions(labels)
-        return self.token_loss_sums(input_ids, attention_mask, decoder_input_ids, labels, [target_positions])[0]
+        return self.token_loss_sums(input_ids, attention_mask, [(decoder_input_ids, labels, [target_positions])])[0]
 
     def forward(self, input_ids, attention_mask, decoder_input_ids, labels, expl_input_ids=None,
                 expl_attention_mask=None, expl_decoder_input_ids=None, expl_labels=None, target_positions=None,
                 expl_target_positions=None):
+        if target_positions is None:
+            target_positions = find_target_positions(labels)
         if expl_input_ids is None and expl_target_positions is not None:  # stacked: both tasks in one pass
-            return torch.stack(self.token_loss_sums(input_ids, attention_mask, decoder_input_ids, labels,
-                                                    [target_positions, expl_target_positions]))
-        label_sum = self.token_loss_sum(input_ids, attention_mask, decoder_input_ids, labels, target_positions)
+            return torch.stack(self.token_loss_sums(input_ids, attention_mask, [
+                (decoder_input_ids, labels, [target_positions, expl_target_positions])]))
         if expl_input_ids is None:
+            label_sum = self.token_loss_sum(input_ids, attention_mask, decoder_input_ids, labels, target_positions)
             return torch.stack([label_sum, torch.zeros_like(label_sum)])
-        rationale_sum = self.token_loss_sum(expl_input_ids, expl_attention_mask, expl_decoder_input_ids, expl_labels,
-                                            expl_target_positions)
-        return torch.stack([label_sum, rationale_sum])
+        if expl_target_positions is None:
+            expl_target_positions = find_target_positions(expl_labels)
+        width = max(input_ids.shape[1], expl_input_ids.shape[1])
+        pad_id = self.t5.config.pad_token_id
+        questions = torch.cat([F.pad(input_ids, (0, width - input_ids.shape[1]), value=pad_id),
+                               F.pad(expl_input_ids, (0, width - expl_input_ids.shape[1]), value=pad_id)])
+        masks = torch.cat([F.pad(attention_mask, (0, width - attention_mask.shape[1])),
+                           F.pad(expl_attention_mask, (0, width - expl_attention_mask.shape[1]))])
+        return torch.stack(self.token_loss_sums(questions, masks, [
+            (decoder_input_ids, labels, [target_positions]),
+            (expl_decoder_input_ids, expl_labels, [expl_target_positions])]))
 
 
 def combine(loss_sums: torch.Tensor, token_counts: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -633,13 +633,12 @@ def test_gradient_checkpointing_keeps_what_the_estimate_says(size, stacked, tok)
     t5.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model, batch = DistillationObjective(t5), distillation_batch(stacked=stacked)
     # Checkpointed blocks save their tensors through torch's own hooks, so count what stays alive instead: what the
-    # forward creates (not the parameters, nor the batch, whose labels a view would otherwise count) and the token ids
+    # forward creates (not the parameters, nor the batch, whose labels a view would otherwise count), the token ids
+    # among it (the embedding's one call keeps their concatenation)
     tensors = list(model.parameters()) + list(batch.values() if stacked else batch)
     with LiveStorages({t.untyped_storage().data_ptr() for t in tensors}) as live:
         out = run(model, batch)
-    token_ids = [batch["input_ids"], batch["decoder_input_ids"]] if stacked else batch[0::4] + batch[2::4]
-    inputs = sum(t.untyped_storage().nbytes() for t in token_ids)  # token ids, kept for backward
-    kept = sum(live.live.values()) + inputs
+    kept = sum(live.live.values())
     del out
 
     config = t5.config
@@ -648,9 +647,9 @@ def test_gradient_checkpointing_keeps_what_the_estimate_says(size, stacked, tok)
     assert checkpointed < full / (2 if stacked else 3)  # stacked: the block recomputed at a time has all 2B rows
     # the estimate = what stays alive + one block's activations, recomputed at a time in the backward pass
     drop = config.dropout_rate > 0
-    shapes = [(2 * ROWS, *RATIONALE)] if stacked else [(ROWS, *ANSWER), (ROWS, *RATIONALE)]
-    one_block = max(estimate._task_activations(config, rows, enc, dec, ROWS * dec - 3, 4, 4, drop)["block"]
-                    for rows, enc, dec in shapes)
+    decoders = [(2 * ROWS, RATIONALE[1], 2 * ROWS * RATIONALE[1] - 6)] if stacked else \
+        [(ROWS, ANSWER[1], ROWS * ANSWER[1] - 3), (ROWS, RATIONALE[1], ROWS * RATIONALE[1] - 3)]
+    one_block = estimate._pass_activations(config, 4, 4, drop, 2 * ROWS, ANSWER[0], decoders)["block"]
     assert checkpointed - one_block == pytest.approx(kept, rel=1e-3)
 
 

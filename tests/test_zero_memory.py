@@ -155,18 +155,20 @@ for stacked in (False, True):
         peak[0] = 0
         engine.backward(combine(engine(**batch), counts, 0.5))
         engine.step()
-    print("PEAK", json.dumps({"stacked": stacked, "backward": peak[0], "total": total}), flush=True)
+    decoder = sum(p.numel() for n, p in model.t5.decoder.named_parameters() if "embed_tokens" not in n)
+    print("PEAK", json.dumps({"stacked": stacked, "backward": peak[0], "total": total, "decoder": decoder}), flush=True)
 '''
 
 
 def test_zero3_releases_parameters_as_the_backward_goes(tmp_path):
     """A ZeRO-3 engine (one process, fp32, gloo) with the trainer's sizes on the distillation objective: the most
     parameter elements held gathered during a backward, from DeepSpeed's own status flags, nothing kept whole
-    anyway (persistence threshold 0). Two passes of the model per forward (answer, then rationale) end every
-    backward with the whole model gathered: each call resets a module's count of pending gradients, so after the
-    second pass's backward of a module its first pass's backward never brings the count to 0 and the module is
-    never released. One pass (the stacked batch the trainer uses under ZeRO-3) releases as it goes. (At world
-    size 1 a gather aliases the shard, so this counts the bookkeeping, which is the same at any world size.)"""
+    anyway (persistence threshold 0). A module called twice per forward ends every backward gathered: each call
+    resets its count of pending gradients, so after the second call's backward its first call's backward never
+    brings the count to 0 and it is never released. The layout outside ZeRO-3 runs the decoder once per task, so
+    at least the decoder stays gathered; one pass (the stacked batch the trainer uses under ZeRO-3) releases as it
+    goes. (At world size 1 a gather aliases the shard, so this counts the bookkeeping, which is the same at any
+    world size.)"""
     from mindmirror.launching import free_port
 
     ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
@@ -179,7 +181,7 @@ def test_zero3_releases_parameters_as_the_backward_goes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     peaks = {r["stacked"]: r for r in (json.loads(line[5:]) for line in proc.stdout.splitlines()
                                        if line.startswith("PEAK "))}
-    assert peaks[False]["backward"] == peaks[False]["total"]  # two passes: the whole model
+    assert peaks[False]["decoder"] <= peaks[False]["backward"] < peaks[False]["total"]  # the decoder, called twice
     assert peaks[True]["backward"] < 0.15 * peaks[True]["total"]  # one pass: a few modules at a time
 
 

@@ -1,0 +1,73 @@
+"""The stand-ins of mindmirror.speedups compute what the stock T5 pieces compute: the dropout keeps 1 - p of its
+input, scaled, from torch's seed; the norm and the GELU match transformers' own to float rounding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.activations import NewGELUActivation
+from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+from mindmirror.model import load_model, load_tokenizer
+from mindmirror.speedups import Dropout, RMSNorm, keep_mask
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_the_mask_keeps_one_minus_p_and_follows_torchs_seed(p):
+    torch.manual_seed(0)
+    mask = keep_mask(torch.Size([400, 1001]), p)  # an odd count: the last 32-bit draw is half used
+    assert mask.dtype == torch.bool and mask.shape == (400, 1001)
+    assert mask.float().mean().item() == pytest.approx(1 - p, abs=0.003)  # ~10 standard deviations at p=0.5
+    torch.manual_seed(0)
+    assert torch.equal(keep_mask(torch.Size([400, 1001]), p), mask)  # seeding torch repeats the mask
+    assert not torch.equal(keep_mask(torch.Size([400, 1001]), p), mask)  # and the next draw is another one
+    assert keep_mask(torch.Size([64]), 0.0).all() and not keep_mask(torch.Size([64]), 1.0 - 1e-12).any()
+
+
+def test_dropout_scales_what_it_keeps_and_passes_the_gradient_through_the_same_mask():
+    torch.manual_seed(1)
+    x = torch.randn(50, 64, requires_grad=True)
+    dropout = Dropout(0.25).train()
+    y = dropout(x)
+    kept = y != 0
+    assert torch.allclose(y[kept], x[kept] / 0.75)
+    y.sum().backward()
+    assert torch.allclose(x.grad, kept.float() / 0.75)
+    assert torch.equal(dropout.eval()(x), x)
+    assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+
+
+def test_rms_norm_is_t5s_norm():
+    torch.manual_seed(2)
+    stock, fused = T5LayerNorm(96, eps=1e-6), T5LayerNorm(96, eps=1e-6)
+    with torch.no_grad():
+        stock.weight.uniform_(0.5, 1.5)
+        fused.weight.copy_(stock.weight)
+    fused.__class__ = RMSNorm
+    x = torch.randn(7, 11, 96, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    a, b = stock(x), fused(x2)
+    assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+    g = torch.randn_like(a)
+    a.backward(g)
+    b.backward(g)
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(stock.weight.grad, fused.weight.grad, rtol=1e-5, atol=1e-5)
+    fused.to(torch.bfloat16)  # a half-precision weight takes T5's own path
+    stock.to(torch.bfloat16)
+    assert torch.equal(fused(x.detach()), stock(x.detach()))
+
+
+def test_the_model_gets_every_stand_in_and_keeps_its_outputs():
+    tok = load_tokenizer("", "t5-v1_1-small", True)
+    torch.manual_seed(3)
+    stock = load_model("tiny", tok, True, speedups=False).eval()
+    torch.manual_seed(3)
+    fast = load_model("tiny", tok, True).eval()
+    kinds = {type(m) for m in fast.modules()}
+    assert RMSNorm in kinds and T5LayerNorm not in kinds and NewGELUActivation not in kinds
+    assert all(type(m) is not torch.nn.Dropout for m in fast.modules())
+    ids = torch.randint(3, 100, (3, 9))
+    a = stock(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+    b = fast(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
