@@ -79,6 +79,7 @@ def padding_fractions(table, global_batch: int, seed: int) -> dict[str, float]:
 def run_mindmirror(args, extra: list[str], workdir: Path) -> dict:
     from transformers import HfArgumentParser
 
+    from mindmirror import step
     from mindmirror.config import TrainConfig
     from mindmirror.loop import Trainer, train
     from mindmirror.objective import DistillationObjective
@@ -90,6 +91,7 @@ def run_mindmirror(args, extra: list[str], workdir: Path) -> dict:
     with StepClock() as clock:
         clock.wrap(Trainer, "collate_step", "data")  # the step's rows read and collated
         clock.wrap(DistillationObjective, "forward", "forward")
+        clock.wrap(step, "gradient_norm", "clip")  # the clip itself is AdamW's, as it steps
         train(cfg)
     wall = time.time() - t0
     records = [json.loads(line) for line in (workdir / "out" / runfiles.METRICS).read_text().splitlines()]

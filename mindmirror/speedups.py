@@ -43,17 +43,34 @@ def keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
     return draws >= min(round(p * 2 ** 32) - 2 ** 31, 2 ** 31 - 1)  # dropped: the lowest p of that range
 
 
+class MaskedScale(torch.autograd.Function):
+    """``x * keep * scale`` (``keep`` boolean) as one pass over ``x`` in each direction, where autograd's
+    ``x.mul(keep).mul_(scale)`` makes two: 1.9 instead of 2.9 ms forward and backward for 1.3M elements on 2 cores.
+    Equal to the bit (``keep`` is 0 or 1, so the product with it is exact)."""
+
+    @staticmethod
+    def forward(ctx, x, keep, scale):
+        ctx.save_for_backward(keep)
+        ctx.scale = scale
+        return torch.addcmul(x.new_zeros(()), x, keep, value=scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (keep,) = ctx.saved_tensors
+        return torch.addcmul(grad.new_zeros(()), grad, keep, value=ctx.scale), None, None
+
+
 class Dropout(nn.Dropout):
-    """``nn.Dropout`` whose CPU mask comes from :func:`keep_mask`: torch's CPU ``bernoulli_`` took 12% of a
-    t5-v1_1-small training step on 2 cores. The mask is kept for the backward pass as 1 byte per element instead
-    of 4. On GPU it is plain ``F.dropout``."""
+    """``nn.Dropout`` whose CPU mask comes from :func:`keep_mask` (torch's CPU ``bernoulli_`` took 12% of a
+    t5-v1_1-small training step on 2 cores), applied by :class:`MaskedScale` and kept for the backward pass as 1
+    byte per element instead of 4. On GPU it is plain ``F.dropout``."""
 
     def forward(self, x):
         if not self.training or self.p == 0 or x.device.type != "cpu":
             return F.dropout(x, self.p, self.training, self.inplace)
         if self.p >= 1:
             return x * 0
-        return x.mul(keep_mask(x.shape, self.p)).mul_(1 / (1 - self.p))
+        return MaskedScale.apply(x, keep_mask(x.shape, self.p), 1 / (1 - self.p))
 
 
 def fast_dropout(model):

@@ -12,10 +12,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from accelerate.utils import DistributedType
 
 from mindmirror.build import Run
 from mindmirror.collate import rank_micro_batches
 from mindmirror.objective import combine
+
+PLAIN = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)  # gradients whole on each rank
 
 
 @dataclass
@@ -70,29 +73,39 @@ def clip_and_step(run: Run) -> tuple[torch.Tensor, torch.Tensor | bool]:
 
     DeepSpeed clips and steps inside the engine, its own overflow check skipping a non-finite step (fp32 and
     fp16, and bf16 with check_grad_overflow); the norm is the engine's own. A fused AdamW (what the trainer
-    builds) skips on the device: ``found_inf``, as ``torch.amp.GradScaler`` uses it, leaves parameters, moments
-    and step counts as they were. Any other optimizer (a foreach AdamW resumed from a checkpoint that one saved)
-    is stepped only after the flag is read."""
+    builds) clips as it steps (``grad_scale``) and skips on the device: ``found_inf``, as ``torch.amp.GradScaler``
+    uses it, leaves parameters, moments and step counts as they were. Any other optimizer (a foreach AdamW resumed
+    from a checkpoint that one saved) is clipped by Accelerate and stepped only after the flag is read."""
     objective, optimizer, accelerator = run.objective, run.optimizer, run.accelerator
     if run.layout.deepspeed:
         norm = objective.get_global_grad_norm()  # the engine's tensor (Accelerate's helper would read it)
         norm = torch.as_tensor(0.0 if norm is None else norm)
         return norm, torch.isfinite(norm)
-    grad_norm = accelerator.clip_grad_norm_(objective.parameters(), run.cfg.max_grad_norm or float("inf"))
     torch_optimizer = getattr(optimizer, "optimizer", optimizer)  # under Accelerate's wrapper
-    finite = torch.isfinite(grad_norm)
     # Every group: a checkpoint saved by a foreach AdamW brings its groups' foreach flag back with it (torch's
     # load_state_dict keeps a saved group's settings), and that run goes on as it began.
     fused = all(group.get("fused") for group in torch_optimizer.param_groups)
-    if fused and getattr(accelerator, "scaler", None) is None:
+    if fused and getattr(accelerator, "scaler", None) is None and accelerator.distributed_type in PLAIN:
+        grad_norm = gradient_norm(objective)
+        # The clip torch's clip_grad_norm_ makes (a factor max_norm / (norm + 1e-6) where that is below 1), applied
+        # by AdamW as it reads each gradient, as it unscales for GradScaler: no pass of its own over the gradients.
+        max_norm = run.cfg.max_grad_norm
+        torch_optimizer.grad_scale = (grad_norm + 1e-6).div(max_norm).clamp(min=1.0) if max_norm else None
+        finite = torch.isfinite(grad_norm)
         torch_optimizer.found_inf = (~finite).float()
         optimizer.step()
     else:
-        finite = bool(finite)
+        grad_norm = accelerator.clip_grad_norm_(objective.parameters(), run.cfg.max_grad_norm or float("inf"))
+        finite = bool(torch.isfinite(grad_norm))
         if finite:
             optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm, finite
+
+
+def gradient_norm(model) -> torch.Tensor:
+    """The 2-norm of all of ``model``'s gradients, as ``clip_grad_norm_`` computes it, on the device."""
+    return torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
 
 
 def hold_schedule(scheduler, steps: int) -> None:
