@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mindmirror import metrics
+from mindmirror.data import formats
 from mindmirror.evaluate import score
 from mindmirror.metrics import (
     InvalidExpression,
@@ -214,7 +215,7 @@ def test_is_correct(answer, gold, kind, right):
 
 @pytest.mark.parametrize("family, kind", [("svamp", "equation"), ("cqa", "text"), ("anli1", "text")])
 def test_family_metric(family, kind):
-    assert metrics.family_metric(family) == kind
+    assert formats.family_metric(family) == kind
 
 
 def test_module_never_calls_builtin_evaluators():
