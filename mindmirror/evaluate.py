@@ -11,9 +11,8 @@ import torch
 from accelerate.utils import gather_object
 
 from mindmirror import metrics, selfeval
-from mindmirror.collate import pad
 from mindmirror.data.registry import DATASETS, SELF_EVAL
-from mindmirror.model import eval_mode
+from mindmirror.model import eval_mode, pad
 
 
 class EvaluationStopped(Exception):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -100
+from mindmirror.model import IGNORE
 
 
 def find_target_positions(labels: torch.Tensor) -> torch.Tensor:

@@ -98,9 +98,7 @@ def verdict_probabilities(t5, tokenizer, cots: Sequence[str], *, device, batch_s
     """
     import torch
 
-    from mindmirror.collate import pad
-    from mindmirror.model import eval_mode
-    from mindmirror.objective import IGNORE
+    from mindmirror.model import IGNORE, eval_mode, pad
 
     labels_one = pad([tokenizer(v)["input_ids"] for v in VERDICTS], IGNORE)
     out = []
