@@ -8,7 +8,7 @@ threads:
 * **baseline** — built as the original research code is: a ``Seq2SeqTrainer`` subclass whose
   ``compute_loss`` runs one full forward per task (``model(**pred)`` then ``model(**expl)``), fed
   by a ``DataCollatorForSeq2Seq`` on randomly sampled batches;
-* **mindmirror** — ``mindmirror.loop.train`` with the given trainer flags (``--variant`` adds
+* **mindmirror** — ``mindmirror.core.loop.train`` with the given trainer flags (``--variant`` adds
   more mindmirror runs with other flags, to measure one change at a time).
 
 Throughput is samples (questions) per second over the steps after ``--warmup_steps``, timed from
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from mindmirror import runfiles
-from mindmirror.collate import grouping_lengths, step_batches
+from mindmirror.core.collate import grouping_lengths, step_batches
 from mindmirror.data.loader import token_lengths
 from mindmirror.stepclock import PHASES, StepClock
 
@@ -80,8 +80,8 @@ def run_mindmirror(args, extra: list[str], workdir: Path) -> dict:
     from transformers import HfArgumentParser
 
     from mindmirror.config import TrainConfig
-    from mindmirror.loop import Trainer, train
-    from mindmirror.objective import DistillationObjective
+    from mindmirror.core.loop import Trainer, train
+    from mindmirror.core.objective import DistillationObjective
 
     flags = common_trainer_args(args) + ["--output_dir", str(workdir / "out")] + extra
     (cfg,) = HfArgumentParser(TrainConfig).parse_args_into_dataclasses(flags)

@@ -124,7 +124,7 @@ def forward_flops(config, enc_len: int, dec_len: int, target_tokens: int | None 
     Decoder: the same for self-attention (full ``dec_len x dec_len``, as the eager kernel computes it),
     cross-attention (q/o on decoder tokens, k/v on encoder tokens, ``dec_len x enc_len`` scores) and FFN;
     ``lm_head`` on ``target_tokens`` positions only (default ``batch * dec_len``), as
-    :class:`~mindmirror.objective.DistillationObjective` projects only real targets.
+    :class:`~mindmirror.core.objective.DistillationObjective` projects only real targets.
     Equals ``FlopCounterMode``'s count for an eager-attention forward. (With ``sdpa``, transformers'
     default, CUDA kernels are counted the same, but on CPU the fused ``_scaled_dot_product_flash_attention_for_cpu``
     used for cross-attention has no FLOP formula and FlopCounterMode silently counts 0 for it.)
@@ -276,7 +276,7 @@ def activation_bytes(config, micro_batch: int, enc_len: int, dec_len: int, preci
     (``rationale_enc_len``/``rationale_dec_len``, default the answer's) are alive together. By default they
     run as two passes of ``micro_batch`` rows, each padded to its own lengths (what the trainer runs under DDP
     and ZeRO-1/2). ``stacked`` (with the rationale task) is the batch the trainer runs under ZeRO-3
-    (:class:`mindmirror.collate.Collator`'s ``stacked``): one pass of ``2 x micro_batch`` rows, both tasks padded
+    (:class:`mindmirror.core.collate.Collator`'s ``stacked``): one pass of ``2 x micro_batch`` rows, both tasks padded
     to the longer encoder and the longer decoder length; only the real targets reach the head. Targets default
     to every decoder position of the task's own length. The model is transformers' eager T5 (see the module
     docstring); per layer: norm inputs/outputs (plus an fp32 copy under bf16) and rsqrt, contiguous q/k/v copies
@@ -369,7 +369,7 @@ def shipped_deepspeed_config(zero_stage: int, offload: bool = False) -> dict:
 @dataclass(frozen=True)
 class ZeroSettings:
     """The sizes and switches of a DeepSpeed JSON that decide its buffers, "auto" resolved as the trainer does:
-    ``reduce_bucket_size`` and ``stage3_prefetch_bucket_size`` by :func:`mindmirror.runtime.bucket_elements`
+    ``reduce_bucket_size`` and ``stage3_prefetch_bucket_size`` by :func:`mindmirror.core.runtime.bucket_elements`
     (``fill_deepspeed_sizes``), and so ``stage3_max_reuse_distance`` of a ZeRO-3 JSON, "auto" or left out
     (``runtime.ZERO3_SCALED``); ``stage3_param_persistence_threshold`` by Accelerate (10 x ``d_model``);
     other missing keys take DeepSpeed 0.19's defaults (deepspeed/runtime/zero/config.py)."""
@@ -395,7 +395,7 @@ def zero_settings(ds_config: dict, zero_stage: int, parameters: int, d_model: in
             value = default if auto is None else auto
         return int(float(value))
 
-    from mindmirror.runtime import bucket_elements  # the trainer's rule for "auto" buckets (one home)
+    from mindmirror.core.runtime import bucket_elements  # the trainer's rule for "auto" buckets (one home)
 
     bucket = bucket_elements(parameters, d_model)
     scaled = bucket if zero.get("stage") == 3 else None  # fill_deepspeed_sizes sizes these only in a ZeRO-3 JSON
@@ -473,7 +473,7 @@ def _zero3_gathered(c, p_gathered: int, s: ZeroSettings, aliased: bool) -> int:
     parameter_offload.py), ``p_gathered`` being the parameters not kept whole anyway (persistent ones).
 
     * The trainer calls every module once per forward under ZeRO-3: with the rationale task the collator
-      stacks both tasks' rows into one batch (:class:`mindmirror.collate.Collator`'s ``stacked``), so each
+      stacks both tasks' rows into one batch (:class:`mindmirror.core.collate.Collator`'s ``stacked``), so each
       module's backward releases it as DeepSpeed means to.
     * A gathered module is not released while it is used again within ``stage3_max_reuse_distance`` (``R``)
       elements of the recorded trace; the prefetcher gathers up to ``stage3_prefetch_bucket_size`` ahead. With

@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 from mindmirror import runfiles
-from mindmirror.checkpoint import STATE_FILE, checkpoint_problem
 from mindmirror.config import TrainConfig
+from mindmirror.core.checkpoint import STATE_FILE, checkpoint_problem
+from mindmirror.core.weights import checkpoint_state_dict, load_export
 from mindmirror.data.registry import DATASETS, MODEL_TYPES, SELF_EVAL
 from mindmirror.model import ModelLoadError
-from mindmirror.weights import checkpoint_state_dict, load_export
 
 
 def run_config(run_dir: Path) -> dict:

@@ -260,14 +260,14 @@ def count_host_syncs(path: Path) -> None:
 
     import torch
 
-    from mindmirror import loop
+    from mindmirror.core import loop
 
     trainer = getattr(loop, "Trainer", None)
     step = getattr(trainer, "train_step", None)
     if not torch.cuda.is_available():
         record["reason"] = "no CUDA: torch.cuda.set_sync_debug_mode counts CUDA syncs only"
     elif step is None:
-        record["reason"] = "mindmirror.loop.Trainer.train_step not found: no step boundary to count at"
+        record["reason"] = "mindmirror.core.loop.Trainer.train_step not found: no step boundary to count at"
     if record["reason"]:
         dump()
         return
@@ -360,7 +360,7 @@ def save_seconds(run: Path) -> float | None:
         if m:
             second = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
             started[int(m.group(3))] = second + int(m.group(2)) / 1e3
-    for step in sorted(started, reverse=True):  # mindmirror.checkpoint's names (not imported: it needs torch)
+    for step in sorted(started, reverse=True):  # mindmirror.core.checkpoint's names (not imported: it needs torch)
         manifest = run / "checkpoints" / f"step_{step}" / "manifest.json"
         if manifest.is_file():
             return manifest.stat().st_mtime - started[step]

@@ -15,7 +15,8 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from mindmirror import estimate
-from mindmirror.collate import Collator
+from mindmirror.core.collate import Collator
+from mindmirror.core.objective import DistillationObjective
 from mindmirror.estimate import (
     MemoryEstimate,
     activation_bytes,
@@ -31,7 +32,6 @@ from mindmirror.estimate import (
     training_flops,
 )
 from mindmirror.model import SIZES, load_model, load_tokenizer, model_config, untie_lm_head
-from mindmirror.objective import DistillationObjective
 
 # Parameter counts of the published google/t5-v1_1 checkpoints (vocabulary 32128, untied lm_head).
 PUBLISHED = {"t5-v1_1-small": 76_961_152, "t5-v1_1-base": 247_577_856, "t5-v1_1-large": 783_150_080}
@@ -335,7 +335,7 @@ def test_bf16_zero1_all_reduces_its_fp32_buffer_in_bf16_after_the_backward():
 def test_zero_settings_resolve_the_shipped_jsons_as_the_trainer_does():
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    from mindmirror.runtime import bucket_elements, fill_deepspeed_sizes
+    from mindmirror.core.runtime import bucket_elements, fill_deepspeed_sizes
 
     config = model_config("t5-v1_1-large", 32128)
     p, d = parameter_count(config), config.d_model
@@ -455,9 +455,9 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WO
 import deepspeed
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from transformers import T5ForConditionalGeneration
-from mindmirror.collate import Collator
+from mindmirror.core.collate import Collator
 from mindmirror.model import model_config, untie_lm_head
-from mindmirror.objective import DistillationObjective
+from mindmirror.core.objective import DistillationObjective
 
 deepspeed.init_distributed("gloo")
 config = model_config("tiny", 32128)
@@ -507,8 +507,8 @@ def test_zero3_keeps_what_the_planner_says_gathered(tmp_path):
     batches the trainer builds under ZeRO-3 (both tasks' rows stacked, one pass of the model): the most parameters
     held whole at once, from DeepSpeed's own status flags, against :func:`_zero3_gathered`. (At world size 1 a
     gather aliases the shard, so this measures the bookkeeping, which is the same at any world size.)"""
+    from mindmirror.core.runtime import bucket_elements
     from mindmirror.launching import free_port
-    from mindmirror.runtime import bucket_elements
 
     config = model_config("tiny", 32128)
     p = parameter_count(config)

@@ -68,7 +68,7 @@ def test_host_syncs_are_counted_per_step_and_swallowed(tmp_path, monkeypatch):
     two entries of Trainer.train_step are that step's; other warnings pass through."""
     import torch
 
-    from mindmirror import loop
+    from mindmirror.core import loop
 
     def fake_step(self, syncs):
         for _ in range(syncs):

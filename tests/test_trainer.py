@@ -212,7 +212,7 @@ def test_sigterm_saves_and_exits_with_the_documented_code(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
-    from mindmirror.loop import EXIT_PREEMPTED
+    from mindmirror.core.loop import EXIT_PREEMPTED
 
     assert proc.returncode == EXIT_PREEMPTED, stderr[-3000:]
     saved = [p.name for p in (out / "checkpoints").iterdir()]

@@ -118,11 +118,11 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WO
 import deepspeed
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from transformers import T5ForConditionalGeneration
-from mindmirror.collate import Collator
+from mindmirror.core.collate import Collator
 from mindmirror.config import TrainConfig
 from mindmirror.model import model_config, untie_lm_head
-from mindmirror.objective import DistillationObjective, combine
-from mindmirror.runtime import fill_deepspeed_sizes
+from mindmirror.core.objective import DistillationObjective, combine
+from mindmirror.core.runtime import fill_deepspeed_sizes
 
 deepspeed.init_distributed("gloo")
 config = model_config("tiny", 640)
@@ -190,8 +190,8 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WO
 import deepspeed
 from transformers import T5ForConditionalGeneration
 from mindmirror.model import model_config, untie_lm_head
-from mindmirror.objective import DistillationObjective
-from mindmirror.runtime import zero3_generation
+from mindmirror.core.objective import DistillationObjective
+from mindmirror.core.runtime import zero3_generation
 
 deepspeed.init_distributed("gloo")
 torch.manual_seed(0)
@@ -213,7 +213,7 @@ for hooks in (False, True):
 
 
 def test_zero3_generation_prefetches_from_a_trace(tmp_path):
-    """Generation under ZeRO-3 (one process, gloo) with :func:`mindmirror.runtime.zero3_generation`: each
+    """Generation under ZeRO-3 (one process, gloo) with :func:`mindmirror.core.runtime.zero3_generation`: each
     generated token is a step of DeepSpeed's parameter trace, so the trace is complete and parameters are
     prefetched from it; called on the engine's child model without it, the whole generation is one step that
     matches no trace (no prefetch). The outputs are the same."""

@@ -9,8 +9,9 @@ import functools
 import json
 from collections.abc import Callable
 
-from mindmirror import evaluate, runfiles, runtime, weights
-from mindmirror.build import Run, eval_batch_size
+from mindmirror import evaluate, runfiles
+from mindmirror.core import runtime, weights
+from mindmirror.core.build import Run, eval_batch_size
 from mindmirror.data.registry import DATASETS
 
 EXAMPLES = 3  # test questions shown with the student's rationale at the end of a run

@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from mindmirror.core.objective import find_target_positions
 from mindmirror.model import IGNORE, pad
-from mindmirror.objective import find_target_positions
 
 LENGTH_WINDOW = 50  # global batches per length-sorting window
 

@@ -13,9 +13,9 @@ import numpy as np
 import torch
 
 from mindmirror import estimate
-from mindmirror.build import Run
-from mindmirror.objective import combine
-from mindmirror.runtime import peak_memory_mb
+from mindmirror.core.build import Run
+from mindmirror.core.objective import combine
+from mindmirror.core.runtime import peak_memory_mb
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

@@ -22,14 +22,15 @@ import numpy as np
 import torch
 from accelerate.utils import DummyScheduler, set_seed
 
-from mindmirror import checkpoint, elastic, estimate, evaluate, runtime
-from mindmirror.collate import Collator, grouping_lengths
+from mindmirror import estimate, evaluate
 from mindmirror.config import TrainConfig
+from mindmirror.core import checkpoint, elastic, runtime
+from mindmirror.core.collate import Collator, grouping_lengths
+from mindmirror.core.objective import DistillationObjective
+from mindmirror.core.optim import build_optimizer, lr_lambda
+from mindmirror.core.runtime import peak_memory_mb
 from mindmirror.data.loader import TOKEN_COLUMNS, load_data, token_lengths
 from mindmirror.model import load_model, load_tokenizer
-from mindmirror.objective import DistillationObjective
-from mindmirror.optim import build_optimizer, lr_lambda
-from mindmirror.runtime import peak_memory_mb
 
 if TYPE_CHECKING:
     from collections.abc import Callable

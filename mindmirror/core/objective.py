@@ -40,7 +40,7 @@ class DistillationObjective(nn.Module):
     The answer task's tensors are ``input_ids``, ``attention_mask``, ``decoder_input_ids`` and
     ``labels``; the rationale task's the same names with an ``expl_`` prefix (absent for the
     ``standard`` model). Both passes run inside one ``forward`` so DDP and DeepSpeed see one forward
-    and one backward per micro-batch. A stacked batch (:class:`mindmirror.collate.Collator`'s ``stacked``:
+    and one backward per micro-batch. A stacked batch (:class:`mindmirror.core.collate.Collator`'s ``stacked``:
     both tasks' rows in the first four tensors, no ``expl_`` tensors but ``expl_target_positions``) runs in
     one pass of the model: every module is called once per forward, which ZeRO-3 needs to release what it
     gathered as the backward goes.
