@@ -81,6 +81,6 @@ def _leave(code: int) -> None:
 
 def eval_main(argv: list[str] | None = None) -> int:
     """``mindmirror-eval``: evaluate an export or checkpoint on a split."""
-    from mindmirror.eval_cli import main
+    from mindmirror.evaluation.eval_cli import main
 
     return _run(main, argv)

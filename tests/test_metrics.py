@@ -1,6 +1,6 @@
-"""Tests for mindmirror.metrics: the safe evaluator must compute SVAMP equations exactly
+"""Tests for mindmirror.evaluation.metrics: the safe evaluator must compute SVAMP equations exactly
 and refuse anything else quickly, without side effects; and the accuracy built on it
-(mindmirror.evaluate.score)."""
+(mindmirror.evaluation.evaluate.score)."""
 
 import re
 import time
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from mindmirror import metrics
 from mindmirror.data import formats
-from mindmirror.evaluate import score
-from mindmirror.metrics import (
+from mindmirror.evaluation import metrics
+from mindmirror.evaluation.evaluate import score
+from mindmirror.evaluation.metrics import (
     InvalidExpression,
     UnsafeExpression,
     equation_value_equal,

@@ -96,7 +96,7 @@ def test_accumulation_and_ddp_match_one_big_batch(baseline, tmp_path):
 
 def evaluated(model, tmp_path) -> list[dict]:
     """mindmirror-eval's greedy predictions (answers and rationales) of an export or a checkpoint."""
-    from mindmirror.eval_cli import main
+    from mindmirror.evaluation.eval_cli import main
 
     out = tmp_path / f"eval-{model.name}"
     main([str(model), "--self_eval_samples", "0", "--rationale_max_len", "16", "--output_dir", str(out)])
@@ -105,8 +105,8 @@ def evaluated(model, tmp_path) -> list[dict]:
 
 def loaded_weights(model):
     """The weights mindmirror-eval loads from an export or a checkpoint."""
-    from mindmirror import eval_cli
     from mindmirror.config import TrainConfig
+    from mindmirror.evaluation import eval_cli
 
     kind, run = eval_cli.locate(model)
     config = TrainConfig(**{k: v for k, v in eval_cli.run_config(run).items() if k != "output_dir"})

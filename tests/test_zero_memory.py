@@ -44,7 +44,7 @@ def predictions(path) -> list[str]:
 
 def evaluated(model, tmp_path):
     """mindmirror-eval's greedy test predictions and accuracy of an export, on one process (unsharded)."""
-    from mindmirror.eval_cli import main
+    from mindmirror.evaluation.eval_cli import main
 
     out = tmp_path / f"eval-{model.name}"
     main([str(model), "--self_eval_samples", "0", "--rationale_max_len", "4", "--output_dir", str(out)])

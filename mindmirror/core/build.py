@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from accelerate.utils import DummyScheduler, set_seed
 
-from mindmirror import estimate, evaluate
+from mindmirror import estimate
 from mindmirror.config import TrainConfig
 from mindmirror.core import checkpoint, elastic, runtime
 from mindmirror.core.collate import Collator, grouping_lengths
@@ -30,6 +30,7 @@ from mindmirror.core.objective import DistillationObjective
 from mindmirror.core.optim import build_optimizer, lr_lambda
 from mindmirror.core.runtime import peak_memory_mb
 from mindmirror.data.loader import TOKEN_COLUMNS, load_data, token_lengths
+from mindmirror.evaluation import evaluate
 from mindmirror.model import load_model, load_tokenizer
 
 if TYPE_CHECKING:

@@ -40,7 +40,7 @@ MESSY_REASONS = (NO_ANSWER, NO_VERDICT, NO_EVALUATIONS, TOO_FEW_COTS)
 
 def family_metric(family: str) -> str:
     """How a data set family's answers are compared: ``"equation"`` (SVAMP: by value) or ``"text"``
-    (the ``kind`` of :func:`mindmirror.metrics.is_correct`)."""
+    (the ``kind`` of :func:`mindmirror.evaluation.metrics.is_correct`)."""
     return "equation" if family == "svamp" else "text"
 
 

@@ -13,10 +13,10 @@ of the data.
 
 from __future__ import annotations
 
-from mindmirror import metrics
 from mindmirror.data import formats
+from mindmirror.evaluation import metrics
+from mindmirror.evaluation.selfeval import vote
 from mindmirror.runfiles import markdown_table
-from mindmirror.selfeval import vote
 
 MAX_LISTED_FAILURES = 10
 

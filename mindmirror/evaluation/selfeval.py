@@ -17,9 +17,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from mindmirror import metrics
 from mindmirror.data.formats import VERDICTS
 from mindmirror.data.tokenize import PREDICT
+from mindmirror.evaluation import metrics
 
 CORRECT = "correct"
 
