@@ -14,10 +14,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from mindmirror import estimate
 from mindmirror.core.collate import Collator
 from mindmirror.core.objective import DistillationObjective
-from mindmirror.estimate import (
+from mindmirror.model import SIZES, load_model, load_tokenizer, model_config, untie_lm_head
+from mindmirror.tools import estimate
+from mindmirror.tools.estimate import (
     MemoryEstimate,
     activation_bytes,
     forward_flops,
@@ -31,7 +32,6 @@ from mindmirror.estimate import (
     tied_lm_head,
     training_flops,
 )
-from mindmirror.model import SIZES, load_model, load_tokenizer, model_config, untie_lm_head
 
 # Parameter counts of the published google/t5-v1_1 checkpoints (vocabulary 32128, untied lm_head).
 PUBLISHED = {"t5-v1_1-small": 76_961_152, "t5-v1_1-base": 247_577_856, "t5-v1_1-large": 783_150_080}
@@ -508,7 +508,7 @@ def test_zero3_keeps_what_the_planner_says_gathered(tmp_path):
     held whole at once, from DeepSpeed's own status flags, against :func:`_zero3_gathered`. (At world size 1 a
     gather aliases the shard, so this measures the bookkeeping, which is the same at any world size.)"""
     from mindmirror.core.runtime import bucket_elements
-    from mindmirror.launching import free_port
+    from mindmirror.tools.launching import free_port
 
     config = model_config("tiny", 32128)
     p = parameter_count(config)
@@ -661,11 +661,11 @@ def test_gradient_checkpointing_keeps_what_the_estimate_says(size, stacked, tok)
 def test_docs_hold_the_planners_current_figures():
     """docs/scaling.md's table against DeepSpeed, its dry-run table, and the CPU sweep's estimate columns
     (docs/scaling-cpu; the measured columns are the runs') are what the code computes now."""
-    from mindmirror import scaling
-    from mindmirror.launching import REPO
+    from mindmirror.tools import scaling
+    from mindmirror.tools.launching import REPO
 
     doc = (REPO / "docs" / "scaling.md").read_text()
-    assert estimate.deepspeed_table() in doc  # python -m mindmirror.estimate
+    assert estimate.deepspeed_table() in doc  # python -m mindmirror.tools.estimate
 
     args = scaling.parse_args(["--dry_run", "--sizes", "t5-v1_1-base,t5-v1_1-large,t5-v1_1-xl,t5-v1_1-xxl",
                                "--zero", "0,3,3+offload", "--precision", "bf16", "--device_memory_gb", "80",

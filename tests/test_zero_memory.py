@@ -167,7 +167,7 @@ def test_zero3_releases_parameters_as_the_backward_goes(tmp_path):
     second pass's backward of a module its first pass's backward never brings the count to 0 and the module is
     never released. One pass (the stacked batch the trainer uses under ZeRO-3) releases as it goes. (At world
     size 1 a gather aliases the shard, so this counts the bookkeeping, which is the same at any world size.)"""
-    from mindmirror.launching import free_port
+    from mindmirror.tools.launching import free_port
 
     ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     ds.pop("bf16")
@@ -217,7 +217,7 @@ def test_zero3_generation_prefetches_from_a_trace(tmp_path):
     generated token is a step of DeepSpeed's parameter trace, so the trace is complete and parameters are
     prefetched from it; called on the engine's child model without it, the whole generation is one step that
     matches no trace (no prefetch). The outputs are the same."""
-    from mindmirror.launching import free_port
+    from mindmirror.tools.launching import free_port
 
     ds = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},

@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from accelerate.utils import DummyScheduler, set_seed
 
-from mindmirror import estimate
 from mindmirror.config import TrainConfig
 from mindmirror.core import checkpoint, elastic, runtime
 from mindmirror.core.collate import Collator, grouping_lengths
@@ -32,6 +31,7 @@ from mindmirror.core.runtime import peak_memory_mb
 from mindmirror.data.loader import TOKEN_COLUMNS, load_data, token_lengths
 from mindmirror.evaluation import evaluate
 from mindmirror.model import load_model, load_tokenizer
+from mindmirror.tools import estimate
 
 if TYPE_CHECKING:
     from collections.abc import Callable

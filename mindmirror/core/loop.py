@@ -32,7 +32,7 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
-from mindmirror import estimate, logs, runfiles
+from mindmirror import logs, runfiles
 from mindmirror.config import TrainConfig
 from mindmirror.core import checkpoint, results, runtime
 from mindmirror.core.build import Run, setup
@@ -42,6 +42,7 @@ from mindmirror.core.runtime import Preemption, peak_memory_mb, shut_down
 from mindmirror.core.step import StepBatch, clip_and_step, collate_step, forward_backward, hold_schedule
 from mindmirror.core.tracking import LogWindow, MetricsLog
 from mindmirror.evaluation import evaluate
+from mindmirror.tools import estimate
 
 log = logging.getLogger("mindmirror")
 EXIT_PREEMPTED = 75  # a signal asked us to stop: state saved; the SLURM template requeues on this code

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from mindmirror import estimate
 from mindmirror.core.build import Run
 from mindmirror.core.objective import combine
 from mindmirror.core.runtime import peak_memory_mb
+from mindmirror.tools import estimate
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

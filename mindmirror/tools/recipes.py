@@ -36,7 +36,7 @@ from pathlib import Path
 from mindmirror import runfiles
 from mindmirror.data.formats import FAMILIES
 from mindmirror.data.registry import SELF_EVAL
-from mindmirror.launching import LAUNCH_LOG, TRAIN_SCRIPT, failure_reason, local_launch, log_tail
+from mindmirror.tools.launching import LAUNCH_LOG, TRAIN_SCRIPT, failure_reason, local_launch, log_tail
 
 
 @dataclass(frozen=True)

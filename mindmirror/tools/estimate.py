@@ -15,7 +15,7 @@ so MFU from these figures is model FLOPs utilisation.
 
 Memory per rank is the model states, communication and gathered-parameter buffers as DeepSpeed 0.19's code
 allocates them for the trainer's DeepSpeed JSONs (never below DeepSpeed's own estimators), plus the tensors
-autograd saves for the backward pass; see :func:`memory_per_rank`. ``python -m mindmirror.estimate`` prints the
+autograd saves for the backward pass; see :func:`memory_per_rank`. ``python -m mindmirror.tools.estimate`` prints the
 planner against DeepSpeed's estimators.
 """
 
@@ -352,7 +352,7 @@ def _count(config, kinds=None, at_most: int | None = None) -> int:
 # ---------------------------------------------------------------------------------------------
 # DeepSpeed's settings, as the trainer resolves them
 
-DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 # deepspeed/runtime/engine.py MEMORY_OPT_ALLREDUCE_SIZE: the bucket in which the engine all-reduces the BF16
 # optimizer's gradient buffers (it flushes once the tensors added exceed it)
 MEMORY_OPT_ALLREDUCE_SIZE = 500_000_000
@@ -779,7 +779,7 @@ def deepspeed_comparison(sizes=COMPARED_SIZES, world_sizes=COMPARED_WORLD_SIZES,
 
 
 def deepspeed_table(rows: list[dict] | None = None) -> str:
-    """:func:`deepspeed_comparison` as a Markdown table in GiB (``python -m mindmirror.estimate`` prints it)."""
+    """:func:`deepspeed_comparison` as a Markdown table in GiB (``python -m mindmirror.tools.estimate`` prints it)."""
     rows = deepspeed_comparison() if rows is None else rows
     header = ("model", "GPUs", "ZeRO", "DeepSpeed's estimator", "planner: model states", "ratio",
               "planner: + buffers, no activations", "ratio")

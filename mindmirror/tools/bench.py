@@ -13,7 +13,7 @@ threads:
 
 Throughput is samples (questions) per second over the steps after ``--warmup_steps``, timed from
 the end of one optimizer step to the end of the next (data loading included on both sides), by the
-same clock on both sides (:mod:`mindmirror.stepclock`), which also splits each step's time into
+same clock on both sides (:mod:`mindmirror.tools.stepclock`), which also splits each step's time into
 data, forward, backward, clipping, optimizer and the rest.
 The ratio is mindmirror / baseline. ``--repeats`` alternates the runs to even out machine noise;
 the median is reported.
@@ -35,7 +35,7 @@ from pathlib import Path
 from mindmirror import runfiles
 from mindmirror.core.collate import grouping_lengths, step_batches
 from mindmirror.data.loader import token_lengths
-from mindmirror.stepclock import PHASES, StepClock
+from mindmirror.tools.stepclock import PHASES, StepClock
 
 WORKER_FLAG = "--_worker"
 
@@ -152,7 +152,7 @@ def run_baseline(args, workdir: Path) -> dict:
 
 
 def spawn(args, role: str, extra: list[str], workdir: Path) -> dict:
-    cmd = [sys.executable, "-m", "mindmirror.bench", *args.argv, WORKER_FLAG, role, "--_workdir", str(workdir),
+    cmd = [sys.executable, "-m", "mindmirror.tools.bench", *args.argv, WORKER_FLAG, role, "--_workdir", str(workdir),
            f"--_extra={shlex.join(extra)}"]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -252,7 +252,7 @@ def run(argv: list[str] | None = None) -> dict | None:
 
 
 def split_table(split: dict[str, dict[str, float]]) -> str:
-    """The runs' per-step time split (:mod:`mindmirror.stepclock`) as a Markdown table, one column per run."""
+    """The runs' per-step time split (:mod:`mindmirror.tools.stepclock`) as a Markdown table, one column per run."""
     names = list(split)
     rows = [[phase] + [f"{split[n][phase] * 1e3:.0f}" for n in names] for phase in (*PHASES, "step")]
     rows.append(["host reads (count)"] + [f"{split[n]['host_reads']:.0f}" for n in names])
