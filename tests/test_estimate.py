@@ -15,22 +15,18 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from mindmirror.core.collate import Collator
+from mindmirror.core.flops import PEAK_FLOPS_ENV, forward_flops, mfu, peak_flops, sample_flops, training_flops
 from mindmirror.core.objective import DistillationObjective
 from mindmirror.model import SIZES, load_model, load_tokenizer, model_config, untie_lm_head
 from mindmirror.tools import estimate
 from mindmirror.tools.estimate import (
     MemoryEstimate,
     activation_bytes,
-    forward_flops,
     memory_per_rank,
-    mfu,
     parameter_count,
-    peak_flops,
     plan_fits,
-    sample_flops,
     smallest_world_size,
     tied_lm_head,
-    training_flops,
 )
 
 # Parameter counts of the published google/t5-v1_1 checkpoints (vocabulary 32128, untied lm_head).
@@ -188,7 +184,7 @@ def test_sample_and_per_token_flops_add_up():
 
 
 def test_peak_flops_from_device_names_and_the_environment(monkeypatch):
-    monkeypatch.delenv(estimate.PEAK_FLOPS_ENV, raising=False)
+    monkeypatch.delenv(PEAK_FLOPS_ENV, raising=False)
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_flops("NVIDIA H200") == 989e12
@@ -200,7 +196,7 @@ def test_peak_flops_from_device_names_and_the_environment(monkeypatch):
     assert peak_flops("cpu") is None and peak_flops("Some Future GPU") is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert peak_flops() is None and peak_flops("cuda:0") is None  # CPU
-    monkeypatch.setenv(estimate.PEAK_FLOPS_ENV, "2.5e12")
+    monkeypatch.setenv(PEAK_FLOPS_ENV, "2.5e12")
     assert peak_flops() == 2.5e12 and peak_flops("NVIDIA H100 80GB HBM3") == 2.5e12  # the override always wins
     assert mfu(1.25e12, peak_flops()) == 0.5
     assert mfu(1e12, None) is None

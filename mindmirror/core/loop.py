@@ -37,12 +37,12 @@ from mindmirror.config import TrainConfig
 from mindmirror.core import checkpoint, results, runtime
 from mindmirror.core.build import Run, setup
 from mindmirror.core.collate import step_batches
+from mindmirror.core.flops import peak_flops
 from mindmirror.core.optim import param_groups
 from mindmirror.core.runtime import Preemption, peak_memory_mb, shut_down
 from mindmirror.core.step import StepBatch, clip_and_step, collate_step, forward_backward, hold_schedule
 from mindmirror.core.tracking import LogWindow, MetricsLog
 from mindmirror.evaluation import evaluate
-from mindmirror.tools import estimate
 
 log = logging.getLogger("mindmirror")
 EXIT_PREEMPTED = 75  # a signal asked us to stop: state saved; the SLURM template requeues on this code
@@ -138,7 +138,7 @@ class Trainer:
         self.vote = runtime.StopVote(run.world, timedelta(minutes=run.cfg.collective_timeout))
         self.first_step = None  # seconds from process start to the first step done, and the peak memory then
         self.t_steps = time.time()  # when training started (reset by start())
-        self.peak_flops = estimate.peak_flops(str(run.accelerator.device),
+        self.peak_flops = peak_flops(str(run.accelerator.device),
                                               "bf16" if run.precision == "bf16" else "fp32")  # None on CPU
         self.fault_steps = {int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s.strip()}
         self.kill_at = int(os.environ.get(FAULT_KILL_AT_STEP, "0"))

@@ -158,7 +158,8 @@ def plan(args) -> int:
     precision = "bf16" if cuda else "fp32"
     tokenizer = load_tokenizer("", args.model, True)
     config = model_config(args.model, args.vocab_size or len(tokenizer))
-    from mindmirror.tools.estimate import parameter_count, peak_flops
+    from mindmirror.core.flops import peak_flops
+    from mindmirror.tools.estimate import parameter_count
 
     parameters = parameter_count(config)
 
