@@ -30,7 +30,7 @@ import tempfile
 import traceback
 from pathlib import Path
 
-EXIT_PREEMPTED = 75  # mindmirror.loop.EXIT_PREEMPTED (not imported: this script runs before the package)
+EXIT_PREEMPTED = 75  # mindmirror.core.loop.EXIT_PREEMPTED (not imported: this script runs before the package)
 EXIT_DIR = "MINDMIRROR_EXIT_DIR"  # mindmirror.cli.EXIT_DIR
 
 

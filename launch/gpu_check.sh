@@ -62,7 +62,7 @@ mkdir -p "$RESULTS"
 rm -rf "${RESULTS:?}"/{rows.jsonl,losses.json,gpu_check.json,ddp,zero2,reload,zero3} "$RESULTS"/*.log
 SCRATCH=$(mktemp -d "${SCRATCH_DIR:-${TMPDIR:-/tmp}}/gpu_check.XXXXXX")
 trap 'rm -rf "$SCRATCH"' EXIT
-helper() { timeout -s KILL 120 "$PY" -m mindmirror.gpu_check "$@"; }
+helper() { timeout -s KILL 120 "$PY" -m mindmirror.tools.gpu_check "$@"; }
 
 [ "$CPU" = 1 ] || timeout -s KILL 20 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 plan=(--scratch "$SCRATCH" --model "$MODEL" --vocab_size "$VOCAB" --steps "$STEPS" --batch "$BATCH" --fill "$FILL"
@@ -92,8 +92,8 @@ run() {  # run NAME LIMIT_S SKIP_REASON ACCELERATE_FLAGS... -- TRAINER_FLAGS...:
   [ "$left" -lt "$limit" ] && limit=$left
   if [ -z "$skip" ]; then  # (the braces keep bash's "Killed" notice of a run cut off at its limit off the console)
     { timeout -s KILL "$limit" "$PY" launch/accelerate_exec.py --num_machines 1 --num_processes 1 --dynamo_backend no \
-        --main_process_port "$("$PY" -c 'from mindmirror.launching import free_port; print(free_port())')" \
-        "${acc[@]}" --module mindmirror.gpu_check train --syncs "$SCRATCH/syncs/$name.json" \
+        --main_process_port "$("$PY" -c 'from mindmirror.tools.launching import free_port; print(free_port())')" \
+        "${acc[@]}" --module mindmirror.tools.gpu_check train --syncs "$SCRATCH/syncs/$name.json" \
         "${common[@]}" "$@" --output_dir "$dir" > "$RESULTS/$name.log" 2>&1
       rc=$?; } 2>/dev/null
   fi

@@ -8,4 +8,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TOKENIZERS_PARALLELISM=false
-exec python -m mindmirror.scaling "$@"
+exec python -m mindmirror.tools.scaling "$@"

@@ -33,13 +33,13 @@ def train_main(argv: list[str] | None = None) -> int:
     def parse_and_train(argv):
         from mindmirror import logs
         from mindmirror.config import parse_args
-        from mindmirror.loop import train
+        from mindmirror.core.loop import train
 
         cfg = parse_args(argv)
         logs.setup(cfg.verbose, int(os.environ.get("RANK", "0")))
         train(cfg)
 
-    from mindmirror.loop import NonFiniteLossError, Preempted
+    from mindmirror.core.loop import NonFiniteLossError, Preempted
 
     try:
         code = _run(parse_and_train, argv)
@@ -81,6 +81,6 @@ def _leave(code: int) -> None:
 
 def eval_main(argv: list[str] | None = None) -> int:
     """``mindmirror-eval``: evaluate an export or checkpoint on a split."""
-    from mindmirror.eval_cli import main
+    from mindmirror.evaluation.eval_cli import main
 
     return _run(main, argv)

@@ -15,6 +15,7 @@ from pathlib import Path
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 BUNDLED_TOKENIZER = Path(__file__).resolve().parent / "assets" / "tokenizer"
 SIZES = ("tiny", "t5-v1_1-small", "t5-v1_1-base", "t5-v1_1-large", "t5-v1_1-xl", "t5-v1_1-xxl")
+IGNORE = -100  # a label position that is padding, not a target (the ignore index of torch's and transformers' losses)
 
 
 class ModelLoadError(RuntimeError):
@@ -83,6 +84,19 @@ def eval_mode(module):
             yield module
     finally:
         module.train(was_training)
+
+
+def pad(seqs: list[list[int]], value: int, multiple: int = 1):
+    """Right-pad token id lists with ``value`` into one ``torch.long`` tensor, its width rounded up to
+    ``multiple`` (the model's inputs with the pad token id, its labels with :data:`IGNORE`)."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    width = -(-width // multiple) * multiple
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
 
 
 # Download options transformers records in ``tokenizer_config.json`` from how the tokenizer was loaded (with

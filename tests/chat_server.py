@@ -37,7 +37,7 @@ from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from mindmirror.data.formats import ANLI_LABELS
-from mindmirror.selfeval import answer_sentence
+from mindmirror.evaluation.selfeval import answer_sentence
 
 WAY = re.compile(r"way (\d+) of (\d+)")
 JUDGED = re.compile(r"Given answer: (.*)\nEvaluation:$", re.DOTALL)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mindmirror.launching import TRAIN_SCRIPT, free_port, local_launch  # noqa: F401  (free_port: test_trainer)
+from mindmirror.tools.launching import TRAIN_SCRIPT, free_port, local_launch  # noqa: F401  (free_port: test_trainer)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_databench_small_mode_reports_every_rank_cold_and_warm(tmp_path, capsys):
-    from mindmirror.databench import run
+    from mindmirror.tools.databench import run
 
     results = run(["--rows", "1000,2000", "--nproc", "2", "--workdir", str(tmp_path),
                    "--output", str(tmp_path / "figures.json")])

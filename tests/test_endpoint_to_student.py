@@ -19,10 +19,10 @@ import pytest
 
 from chat_server import ChatServer
 from conftest import run_train
-from mindmirror import recipes, report
 from mindmirror.data import formats
-from mindmirror.eval_cli import main as evaluate
+from mindmirror.evaluation.eval_cli import main as evaluate
 from mindmirror.teacher import cli as teacher
+from mindmirror.tools import recipes, report
 
 pytestmark = pytest.mark.slow
 

@@ -14,24 +14,20 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
-from mindmirror import estimate
-from mindmirror.collate import Collator
-from mindmirror.estimate import (
+from mindmirror.core.collate import Collator
+from mindmirror.core.flops import PEAK_FLOPS_ENV, forward_flops, mfu, peak_flops, sample_flops, training_flops
+from mindmirror.core.objective import DistillationObjective
+from mindmirror.model import SIZES, load_model, load_tokenizer, model_config, untie_lm_head
+from mindmirror.tools import estimate
+from mindmirror.tools.estimate import (
     MemoryEstimate,
     activation_bytes,
-    forward_flops,
     memory_per_rank,
-    mfu,
     parameter_count,
-    peak_flops,
     plan_fits,
-    sample_flops,
     smallest_world_size,
     tied_lm_head,
-    training_flops,
 )
-from mindmirror.model import SIZES, load_model, load_tokenizer, model_config, untie_lm_head
-from mindmirror.objective import DistillationObjective
 
 # Parameter counts of the published google/t5-v1_1 checkpoints (vocabulary 32128, untied lm_head).
 PUBLISHED = {"t5-v1_1-small": 76_961_152, "t5-v1_1-base": 247_577_856, "t5-v1_1-large": 783_150_080}
@@ -188,7 +184,7 @@ def test_sample_and_per_token_flops_add_up():
 
 
 def test_peak_flops_from_device_names_and_the_environment(monkeypatch):
-    monkeypatch.delenv(estimate.PEAK_FLOPS_ENV, raising=False)
+    monkeypatch.delenv(PEAK_FLOPS_ENV, raising=False)
     assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert peak_flops("NVIDIA H100 PCIe") == 756e12
     assert peak_flops("NVIDIA H200") == 989e12
@@ -200,7 +196,7 @@ def test_peak_flops_from_device_names_and_the_environment(monkeypatch):
     assert peak_flops("cpu") is None and peak_flops("Some Future GPU") is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert peak_flops() is None and peak_flops("cuda:0") is None  # CPU
-    monkeypatch.setenv(estimate.PEAK_FLOPS_ENV, "2.5e12")
+    monkeypatch.setenv(PEAK_FLOPS_ENV, "2.5e12")
     assert peak_flops() == 2.5e12 and peak_flops("NVIDIA H100 80GB HBM3") == 2.5e12  # the override always wins
     assert mfu(1.25e12, peak_flops()) == 0.5
     assert mfu(1e12, None) is None
@@ -335,7 +331,7 @@ def test_bf16_zero1_all_reduces_its_fp32_buffer_in_bf16_after_the_backward():
 def test_zero_settings_resolve_the_shipped_jsons_as_the_trainer_does():
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
-    from mindmirror.runtime import bucket_elements, fill_deepspeed_sizes
+    from mindmirror.core.runtime import bucket_elements, fill_deepspeed_sizes
 
     config = model_config("t5-v1_1-large", 32128)
     p, d = parameter_count(config), config.d_model
@@ -455,9 +451,9 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WO
 import deepspeed
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from transformers import T5ForConditionalGeneration
-from mindmirror.collate import Collator
+from mindmirror.core.collate import Collator
 from mindmirror.model import model_config, untie_lm_head
-from mindmirror.objective import DistillationObjective
+from mindmirror.core.objective import DistillationObjective
 
 deepspeed.init_distributed("gloo")
 config = model_config("tiny", 32128)
@@ -507,8 +503,8 @@ def test_zero3_keeps_what_the_planner_says_gathered(tmp_path):
     batches the trainer builds under ZeRO-3 (both tasks' rows stacked, one pass of the model): the most parameters
     held whole at once, from DeepSpeed's own status flags, against :func:`_zero3_gathered`. (At world size 1 a
     gather aliases the shard, so this measures the bookkeeping, which is the same at any world size.)"""
-    from mindmirror.launching import free_port
-    from mindmirror.runtime import bucket_elements
+    from mindmirror.core.runtime import bucket_elements
+    from mindmirror.tools.launching import free_port
 
     config = model_config("tiny", 32128)
     p = parameter_count(config)
@@ -660,11 +656,11 @@ def test_gradient_checkpointing_keeps_what_the_estimate_says(size, stacked, tok)
 def test_docs_hold_the_planners_current_figures():
     """docs/scaling.md's table against DeepSpeed, its dry-run table, and the CPU sweep's estimate columns
     (docs/scaling-cpu; the measured columns are the runs') are what the code computes now."""
-    from mindmirror import scaling
-    from mindmirror.launching import REPO
+    from mindmirror.tools import scaling
+    from mindmirror.tools.launching import REPO
 
     doc = (REPO / "docs" / "scaling.md").read_text()
-    assert estimate.deepspeed_table() in doc  # python -m mindmirror.estimate
+    assert estimate.deepspeed_table() in doc  # python -m mindmirror.tools.estimate
 
     args = scaling.parse_args(["--dry_run", "--sizes", "t5-v1_1-base,t5-v1_1-large,t5-v1_1-xl,t5-v1_1-xxl",
                                "--zero", "0,3,3+offload", "--precision", "bf16", "--device_memory_gb", "80",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mindmirror import gpu_check
+from mindmirror.tools import gpu_check
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "launch" / "gpu_check.sh"
@@ -68,7 +68,7 @@ def test_host_syncs_are_counted_per_step_and_swallowed(tmp_path, monkeypatch):
     two entries of Trainer.train_step are that step's; other warnings pass through."""
     import torch
 
-    from mindmirror import loop
+    from mindmirror.core import loop
 
     def fake_step(self, syncs):
         for _ in range(syncs):
@@ -128,8 +128,8 @@ def test_plan_on_a_stand_in_h100_fills_the_gpu_with_the_shipped_bf16_configs(tmp
 
     import torch
 
-    from mindmirror import estimate
     from mindmirror.model import model_config
+    from mindmirror.tools import estimate
 
     name, memory = "NVIDIA H100 80GB HBM3", 80 * 2 ** 30
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

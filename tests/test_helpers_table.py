@@ -15,10 +15,10 @@ from accelerate.utils import DummyOptim
 from transformers import T5Config, T5ForConditionalGeneration
 
 from mindmirror.config import TrainConfig, position_bias_lr_scale
+from mindmirror.core.optim import build_optimizer, lr_lambda, no_decay, param_groups
+from mindmirror.core.runtime import bucket_elements, ds_precision, fill_deepspeed_sizes, zero_stage
 from mindmirror.model import untie_lm_head
-from mindmirror.optim import build_optimizer, lr_lambda, no_decay, param_groups
 from mindmirror.runfiles import earlier_stages, format_table, stage_cost
-from mindmirror.runtime import bucket_elements, ds_precision, fill_deepspeed_sizes, zero_stage
 
 SQRT2_2 = math.sqrt(2) / 2  # cos(pi / 4)
 

@@ -25,7 +25,7 @@ import json, sys
 import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from mindmirror import build, loop
+from mindmirror.core import build, loop
 from mindmirror.config import parse_args
 
 if sys.argv[1] == "foreach":  # a non-fused AdamW (as a run saved by one resumes), in place of the trainer's fused

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mindmirror.launching import failure_reason
+from mindmirror.tools.launching import failure_reason
 
 
 def test_failure_reasons():

@@ -1,6 +1,6 @@
-"""Tests for mindmirror.metrics: the safe evaluator must compute SVAMP equations exactly
+"""Tests for mindmirror.evaluation.metrics: the safe evaluator must compute SVAMP equations exactly
 and refuse anything else quickly, without side effects; and the accuracy built on it
-(mindmirror.evaluate.score)."""
+(mindmirror.evaluation.evaluate.score)."""
 
 import re
 import time
@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from mindmirror import metrics
-from mindmirror.evaluate import score
-from mindmirror.metrics import (
+from mindmirror.data import formats
+from mindmirror.evaluation import metrics
+from mindmirror.evaluation.evaluate import score
+from mindmirror.evaluation.metrics import (
     InvalidExpression,
     UnsafeExpression,
     equation_value_equal,
@@ -214,7 +215,7 @@ def test_is_correct(answer, gold, kind, right):
 
 @pytest.mark.parametrize("family, kind", [("svamp", "equation"), ("cqa", "text"), ("anli1", "text")])
 def test_family_metric(family, kind):
-    assert metrics.family_metric(family) == kind
+    assert formats.family_metric(family) == kind
 
 
 def test_module_never_calls_builtin_evaluators():

@@ -2,9 +2,9 @@
 
 import torch
 
-from mindmirror.collate import Collator, rank_micro_batches, step_batches
-from mindmirror.model import model_config, untie_lm_head
-from mindmirror.objective import IGNORE, DistillationObjective, combine
+from mindmirror.core.collate import Collator, rank_micro_batches, step_batches
+from mindmirror.core.objective import DistillationObjective, combine
+from mindmirror.model import IGNORE, model_config, untie_lm_head
 
 
 def tiny_t5(vocab=200, seed=0):

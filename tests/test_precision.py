@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from conftest import FAST, REPO, read_metrics, run_train
 from mindmirror.config import TrainConfig
-from mindmirror.optim import lr_lambda
+from mindmirror.core.optim import lr_lambda
 
 pytestmark = pytest.mark.slow
 

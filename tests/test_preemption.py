@@ -27,9 +27,9 @@ import pytest
 from datasets import Dataset
 
 from conftest import FAST, REPO, launch_env, log_lines, read_metrics, run_train
-from mindmirror.checkpoint import checkpoint_problem, list_checkpoints
-from mindmirror.launching import free_port
-from mindmirror.loop import EXIT_PREEMPTED
+from mindmirror.core.checkpoint import checkpoint_problem, list_checkpoints
+from mindmirror.core.loop import EXIT_PREEMPTED
+from mindmirror.tools.launching import free_port
 
 pytestmark = pytest.mark.slow
 # Global batch 8 everywhere (one process x 8, two x 4, four x 2): one uninterrupted process is the reference.

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from conftest import read_csv
-from mindmirror import recipes, report
 from mindmirror.data.registry import SELF_EVAL
+from mindmirror.tools import recipes, report
 
 
 def parse(command: list[str]) -> dict:

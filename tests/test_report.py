@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import read_csv
-from mindmirror import report
 from mindmirror.data.registry import SELF_EVAL
+from mindmirror.tools import report
 
 
 def write_run(folder: Path, experiment: str, run: int, test: float, stages: list[tuple[int, float]],

@@ -201,10 +201,10 @@ def test_every_layout_reads_the_same_state(zero2_saved, plain_saved):
     summation-order noise), and its weights are exactly those DeepSpeed's own zero_to_fp32 consolidates."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from mindmirror import elastic, weights
+    from mindmirror.core import elastic, weights
+    from mindmirror.core.objective import DistillationObjective
+    from mindmirror.core.optim import param_groups
     from mindmirror.model import load_model, load_tokenizer
-    from mindmirror.objective import DistillationObjective
-    from mindmirror.optim import param_groups
 
     model = DistillationObjective(load_model("tiny", load_tokenizer("", "tiny", False), False, "", 0))
     order = [name for group in param_groups(model, TrainConfig()) for name, _ in group]  # the runs' groups
@@ -227,10 +227,10 @@ def test_every_layout_reads_the_same_state(zero2_saved, plain_saved):
 def test_a_span_of_the_saved_state_is_that_part_of_the_whole(zero2_saved, plain_saved, zero3_saved):
     """What a ZeRO-3 rank reads on an elastic resume (its slice of each parameter, from whichever files hold it)
     is exactly that part of what reading the whole parameter gives, in every layout a checkpoint comes from."""
-    from mindmirror import weights
+    from mindmirror.core import weights
+    from mindmirror.core.objective import DistillationObjective
+    from mindmirror.core.optim import param_groups
     from mindmirror.model import load_model, load_tokenizer
-    from mindmirror.objective import DistillationObjective
-    from mindmirror.optim import param_groups
 
     model = DistillationObjective(load_model("tiny", load_tokenizer("", "tiny", False), False, "", 0))
     order = [name for group in param_groups(model, TrainConfig()) for name, _ in group]  # the runs' groups

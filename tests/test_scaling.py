@@ -7,8 +7,8 @@ import json
 import pytest
 
 from conftest import read_csv
-from mindmirror import bench, scaling
-from mindmirror.launching import LAUNCH_LOG
+from mindmirror.tools import bench, scaling
+from mindmirror.tools.launching import LAUNCH_LOG
 
 pytestmark = pytest.mark.slow
 FAST_TRAIN = ["--", "--subsample", "0.02", "--valid_fraction", "0.02", "--max_eval_samples", "4"]

@@ -8,9 +8,9 @@ import math
 import pytest
 import torch
 
-from mindmirror import selfeval
 from mindmirror.data import formats
 from mindmirror.data.registry import SELF_EVAL
+from mindmirror.evaluation import selfeval
 
 # ---- votes ------------------------------------------------------------------------------------
 
@@ -103,7 +103,7 @@ def test_verdict_probabilities_match_a_plain_forward_pass(tiny):
 def test_evaluate_split_records_are_the_models_own_generations(tiny, tmp_path):
     from mindmirror.data.registry import build_task_rows
     from mindmirror.data.tokenize import tokenize_rows
-    from mindmirror.evaluate import evaluate_split, score
+    from mindmirror.evaluation.evaluate import evaluate_split, score
 
     t5, tokenizer = tiny
     rows, _ = build_task_rows("svamp_tree1", subsample=0.01)
@@ -152,7 +152,7 @@ def test_evaluate_split_votes_only_where_they_mean_something(tiny, tmp_path, mod
                                                              expected_keys):
     from mindmirror.data.registry import build_task_rows
     from mindmirror.data.tokenize import tokenize_rows
-    from mindmirror.evaluate import evaluate_split
+    from mindmirror.evaluation.evaluate import evaluate_split
 
     t5, tokenizer = tiny
     rows, _ = build_task_rows(dataset, model_type=model_type, subsample=0.01)

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import FAST, REPO, launch_env, read_metrics
-from mindmirror.launching import free_port
+from mindmirror.tools.launching import free_port
 
 pytestmark = pytest.mark.slow
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "squeue")

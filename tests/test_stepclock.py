@@ -1,4 +1,4 @@
-"""The benchmark's per-step time split (mindmirror.stepclock) on a small hand-written loop: each phase lands
+"""The benchmark's per-step time split (mindmirror.tools.stepclock) on a small hand-written loop: each phase lands
 where it happened, the phases add up to the step, host reads are counted once each, and nothing stays
 wrapped afterwards."""
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from mindmirror.stepclock import PHASES, StepClock
+from mindmirror.tools.stepclock import PHASES, StepClock
 
 
 class Collate:

@@ -96,7 +96,7 @@ def test_accumulation_and_ddp_match_one_big_batch(baseline, tmp_path):
 
 def evaluated(model, tmp_path) -> list[dict]:
     """mindmirror-eval's greedy predictions (answers and rationales) of an export or a checkpoint."""
-    from mindmirror.eval_cli import main
+    from mindmirror.evaluation.eval_cli import main
 
     out = tmp_path / f"eval-{model.name}"
     main([str(model), "--self_eval_samples", "0", "--rationale_max_len", "16", "--output_dir", str(out)])
@@ -105,8 +105,8 @@ def evaluated(model, tmp_path) -> list[dict]:
 
 def loaded_weights(model):
     """The weights mindmirror-eval loads from an export or a checkpoint."""
-    from mindmirror import eval_cli
     from mindmirror.config import TrainConfig
+    from mindmirror.evaluation import eval_cli
 
     kind, run = eval_cli.locate(model)
     config = TrainConfig(**{k: v for k, v in eval_cli.run_config(run).items() if k != "output_dir"})
@@ -212,7 +212,7 @@ def test_sigterm_saves_and_exits_with_the_documented_code(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     stdout, stderr = proc.communicate(timeout=300)
-    from mindmirror.loop import EXIT_PREEMPTED
+    from mindmirror.core.loop import EXIT_PREEMPTED
 
     assert proc.returncode == EXIT_PREEMPTED, stderr[-3000:]
     saved = [p.name for p in (out / "checkpoints").iterdir()]

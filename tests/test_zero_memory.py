@@ -44,7 +44,7 @@ def predictions(path) -> list[str]:
 
 def evaluated(model, tmp_path):
     """mindmirror-eval's greedy test predictions and accuracy of an export, on one process (unsharded)."""
-    from mindmirror.eval_cli import main
+    from mindmirror.evaluation.eval_cli import main
 
     out = tmp_path / f"eval-{model.name}"
     main([str(model), "--self_eval_samples", "0", "--rationale_max_len", "4", "--output_dir", str(out)])
@@ -118,11 +118,11 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WO
 import deepspeed
 from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 from transformers import T5ForConditionalGeneration
-from mindmirror.collate import Collator
+from mindmirror.core.collate import Collator
 from mindmirror.config import TrainConfig
 from mindmirror.model import model_config, untie_lm_head
-from mindmirror.objective import DistillationObjective, combine
-from mindmirror.runtime import fill_deepspeed_sizes
+from mindmirror.core.objective import DistillationObjective, combine
+from mindmirror.core.runtime import fill_deepspeed_sizes
 
 deepspeed.init_distributed("gloo")
 config = model_config("tiny", 640)
@@ -169,7 +169,7 @@ def test_zero3_releases_parameters_as_the_backward_goes(tmp_path):
     at least the decoder stays gathered; one pass (the stacked batch the trainer uses under ZeRO-3) releases as it
     goes. (At world size 1 a gather aliases the shard, so this counts the bookkeeping, which is the same at any
     world size.)"""
-    from mindmirror.launching import free_port
+    from mindmirror.tools.launching import free_port
 
     ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
     ds.pop("bf16")
@@ -192,8 +192,8 @@ os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1], RANK="0", WO
 import deepspeed
 from transformers import T5ForConditionalGeneration
 from mindmirror.model import model_config, untie_lm_head
-from mindmirror.objective import DistillationObjective
-from mindmirror.runtime import zero3_generation
+from mindmirror.core.objective import DistillationObjective
+from mindmirror.core.runtime import zero3_generation
 
 deepspeed.init_distributed("gloo")
 torch.manual_seed(0)
@@ -215,11 +215,11 @@ for hooks in (False, True):
 
 
 def test_zero3_generation_prefetches_from_a_trace(tmp_path):
-    """Generation under ZeRO-3 (one process, gloo) with :func:`mindmirror.runtime.zero3_generation`: each
+    """Generation under ZeRO-3 (one process, gloo) with :func:`mindmirror.core.runtime.zero3_generation`: each
     generated token is a step of DeepSpeed's parameter trace, so the trace is complete and parameters are
     prefetched from it; called on the engine's child model without it, the whole generation is one step that
     matches no trace (no prefetch). The outputs are the same."""
-    from mindmirror.launching import free_port
+    from mindmirror.tools.launching import free_port
 
     ds = {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 1,
           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},

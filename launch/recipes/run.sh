@@ -5,8 +5,8 @@
 #   launch/recipes/run.sh --dataset svamp --model google/t5-v1_1-base --runs 0,1,2 --output_dir runs/recipes
 #   mindmirror-report runs/recipes
 #
-# Flags: python -m mindmirror.recipes --help. Add --config_file launch/zero2.yaml (or any Accelerate
+# Flags: python -m mindmirror.tools.recipes --help. Add --config_file launch/zero2.yaml (or any Accelerate
 # config) to run every stage on several GPUs; flags after -- go to every train/main.py stage.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-exec env PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python}" -m mindmirror.recipes "$@"
+exec env PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python}" -m mindmirror.tools.recipes "$@"

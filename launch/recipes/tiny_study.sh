@@ -14,4 +14,4 @@ REPORT=${2:-docs/results}
 "$HERE/run.sh" --model tiny --runs 0,1 --batch_size 32 --lr 3e-3 --lr_scheduler linear --warmup_ratio 0.05 \
   --epoch_scale 0.006 --se_epoch_scale 0.00025 --output_dir "$OUT" -- --max_eval_samples 400 --max_test_samples 400 \
   --position_bias_lr_scale 1
-exec env PYTHONPATH="$(cd "$HERE/../.." && pwd)${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python}" -m mindmirror.report "$OUT" --output_dir "$REPORT"
+exec env PYTHONPATH="$(cd "$HERE/../.." && pwd)${PYTHONPATH:+:$PYTHONPATH}" "${PYTHON:-python}" -m mindmirror.tools.report "$OUT" --output_dir "$REPORT"

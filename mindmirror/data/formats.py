@@ -38,6 +38,12 @@ NO_ANSWER, NO_VERDICT, NO_EVALUATIONS, TOO_FEW_COTS = "no_answer", "no_verdict",
 MESSY_REASONS = (NO_ANSWER, NO_VERDICT, NO_EVALUATIONS, TOO_FEW_COTS)
 
 
+def family_metric(family: str) -> str:
+    """How a data set family's answers are compared: ``"equation"`` (SVAMP: by value) or ``"text"``
+    (the ``kind`` of :func:`mindmirror.evaluation.metrics.is_correct`)."""
+    return "equation" if family == "svamp" else "text"
+
+
 class DataError(ValueError):
     """A data file holds something the trainer cannot use.
 

@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 
-from mindmirror import metrics
 from mindmirror.data import formats
 from mindmirror.data.formats import NO_ANSWER, NO_EVALUATIONS, NO_VERDICT, TOO_FEW_COTS, DataError
 
@@ -54,7 +53,7 @@ class DatasetSpec:
 
     @property
     def metric(self) -> str:
-        return metrics.family_metric(self.family)
+        return formats.family_metric(self.family)
 
     def gt_path(self, data_dir: Path, split: str) -> Path:
         if self.name == "svamp":

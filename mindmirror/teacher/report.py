@@ -13,10 +13,10 @@ of the data.
 
 from __future__ import annotations
 
-from mindmirror import metrics
 from mindmirror.data import formats
+from mindmirror.evaluation import metrics
+from mindmirror.evaluation.selfeval import vote
 from mindmirror.runfiles import markdown_table
-from mindmirror.selfeval import vote
 
 MAX_LISTED_FAILURES = 10
 
@@ -41,7 +41,7 @@ def incomplete(rows: list[dict], n: int, m: int) -> dict:
 
 def split_report(rows: list[dict], records: list[dict], family: str, settings: dict) -> dict:
     """The card of one split from its rows (see ``layout``) and the teacher records written from them."""
-    kind = metrics.family_metric(family)
+    kind = formats.family_metric(family)
     answered = [(row, rec) for row, rec in zip(rows, records, strict=True) if not row["error"]]
     cots = right_cots = first_right = vote_right = selected_right = 0
     verdicts = {v: 0 for v in (*formats.VERDICTS, "none")}  # none: 0, evaluations without one are left out

@@ -20,7 +20,6 @@ __all__ = [
     "extract_equation",
     "equation_value_equal",
     "exact_match",
-    "family_metric",
     "is_correct",
     "MAX_EXPRESSION_LENGTH",
     "MAX_DEPTH",
@@ -159,11 +158,6 @@ def exact_match(pred: str, gold: str) -> bool:
     """Compare answers (CQA choices, ANLI labels, verdicts) ignoring case, surrounding
     whitespace and runs of internal whitespace."""
     return normalize_text(pred) == normalize_text(gold)
-
-
-def family_metric(family: str) -> str:
-    """How a data set family's answers are compared: ``"equation"`` (SVAMP: by value) or ``"text"``."""
-    return "equation" if family == "svamp" else "text"
 
 
 def is_correct(answer: str | None, gold: str, kind: str) -> bool:

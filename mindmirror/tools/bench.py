@@ -8,12 +8,12 @@ threads:
 * **baseline** — built as the original research code is: a ``Seq2SeqTrainer`` subclass whose
   ``compute_loss`` runs one full forward per task (``model(**pred)`` then ``model(**expl)``), fed
   by a ``DataCollatorForSeq2Seq`` on randomly sampled batches;
-* **mindmirror** — ``mindmirror.loop.train`` with the given trainer flags (``--variant`` adds
+* **mindmirror** — ``mindmirror.core.loop.train`` with the given trainer flags (``--variant`` adds
   more mindmirror runs with other flags, to measure one change at a time).
 
 Throughput is samples (questions) per second over the steps after ``--warmup_steps``, timed from
 the end of one optimizer step to the end of the next (data loading included on both sides), by the
-same clock on both sides (:mod:`mindmirror.stepclock`), which also splits each step's time into
+same clock on both sides (:mod:`mindmirror.tools.stepclock`), which also splits each step's time into
 data, forward, backward, clipping, optimizer and the rest.
 The ratio is mindmirror / baseline. ``--repeats`` alternates the runs to even out machine noise;
 the median is reported.
@@ -33,9 +33,9 @@ import time
 from pathlib import Path
 
 from mindmirror import runfiles
-from mindmirror.collate import grouping_lengths, step_batches
+from mindmirror.core.collate import grouping_lengths, step_batches
 from mindmirror.data.loader import token_lengths
-from mindmirror.stepclock import PHASES, StepClock
+from mindmirror.tools.stepclock import PHASES, StepClock
 
 WORKER_FLAG = "--_worker"
 
@@ -79,10 +79,10 @@ def padding_fractions(table, global_batch: int, seed: int) -> dict[str, float]:
 def run_mindmirror(args, extra: list[str], workdir: Path) -> dict:
     from transformers import HfArgumentParser
 
-    from mindmirror import step
     from mindmirror.config import TrainConfig
-    from mindmirror.loop import Trainer, train
-    from mindmirror.objective import DistillationObjective
+    from mindmirror.core import step
+    from mindmirror.core.loop import Trainer, train
+    from mindmirror.core.objective import DistillationObjective
 
     flags = common_trainer_args(args) + ["--output_dir", str(workdir / "out")] + extra
     (cfg,) = HfArgumentParser(TrainConfig).parse_args_into_dataclasses(flags)
@@ -154,7 +154,7 @@ def run_baseline(args, workdir: Path) -> dict:
 
 
 def spawn(args, role: str, extra: list[str], workdir: Path) -> dict:
-    cmd = [sys.executable, "-m", "mindmirror.bench", *args.argv, WORKER_FLAG, role, "--_workdir", str(workdir),
+    cmd = [sys.executable, "-m", "mindmirror.tools.bench", *args.argv, WORKER_FLAG, role, "--_workdir", str(workdir),
            f"--_extra={shlex.join(extra)}"]
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
@@ -254,7 +254,7 @@ def run(argv: list[str] | None = None) -> dict | None:
 
 
 def split_table(split: dict[str, dict[str, float]]) -> str:
-    """The runs' per-step time split (:mod:`mindmirror.stepclock`) as a Markdown table, one column per run."""
+    """The runs' per-step time split (:mod:`mindmirror.tools.stepclock`) as a Markdown table, one column per run."""
     names = list(split)
     rows = [[phase] + [f"{split[n][phase] * 1e3:.0f}" for n in names] for phase in (*PHASES, "step")]
     rows.append(["host reads (count)"] + [f"{split[n]['host_reads']:.0f}" for n in names])

@@ -14,9 +14,9 @@ import numpy as np
 import torch
 from accelerate.utils import DistributedType
 
-from mindmirror.build import Run
-from mindmirror.collate import rank_micro_batches
-from mindmirror.objective import combine
+from mindmirror.core.build import Run
+from mindmirror.core.collate import rank_micro_batches
+from mindmirror.core.objective import combine
 
 PLAIN = (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU)  # gradients whole on each rank
 
@@ -50,7 +50,7 @@ def collate_step(run: Run, rows: list[int]) -> StepBatch:
 
 def forward_backward(run: Run, batch: StepBatch, poison: bool = False) -> torch.Tensor:
     """Forward and backward of this rank's micro-batches, the gradients accumulated; returns this rank's loss
-    sums (answer, rationale) on the device. Each micro-batch's loss is :func:`mindmirror.objective.combine` over
+    sums (answer, rationale) on the device. Each micro-batch's loss is :func:`mindmirror.core.objective.combine` over
     the step's global counts, scaled so that the gradients the ranks average are those of the step's loss.
     ``poison`` makes the loss NaN (fault injection)."""
     accelerator, device = run.accelerator, run.accelerator.device

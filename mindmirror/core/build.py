@@ -22,14 +22,16 @@ import numpy as np
 import torch
 from accelerate.utils import DummyScheduler, set_seed
 
-from mindmirror import checkpoint, elastic, estimate, evaluate, runtime
-from mindmirror.collate import Collator, grouping_lengths
 from mindmirror.config import TrainConfig
+from mindmirror.core import checkpoint, elastic, runtime
+from mindmirror.core.collate import Collator, grouping_lengths
+from mindmirror.core.flops import sample_flops
+from mindmirror.core.objective import DistillationObjective
+from mindmirror.core.optim import build_optimizer, lr_lambda
+from mindmirror.core.runtime import peak_memory_mb
 from mindmirror.data.loader import TOKEN_COLUMNS, load_data, token_lengths
+from mindmirror.evaluation import evaluate
 from mindmirror.model import load_model, load_tokenizer
-from mindmirror.objective import DistillationObjective
-from mindmirror.optim import build_optimizer, lr_lambda
-from mindmirror.runtime import peak_memory_mb
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -243,7 +245,7 @@ def flops_counter(config, row_lengths: dict[str, np.ndarray]) -> Callable[[list[
     """rows -> the model FLOPs of training on them (both tasks, forward + backward, real tokens only), for MFU."""
     rows = len(next(iter(row_lengths.values())))
     columns = [row_lengths.get(c, np.zeros(rows, dtype=np.int64)) for c in TOKEN_COLUMNS]
-    of_lengths = functools.lru_cache(maxsize=None)(functools.partial(estimate.sample_flops, config))
+    of_lengths = functools.lru_cache(maxsize=None)(functools.partial(sample_flops, config))
 
     def step_flops(indices: list[int]) -> int:
         return sum(of_lengths(*(int(column[i]) for column in columns)) for i in indices)

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE = -100
+from mindmirror.model import IGNORE
 
 
 def find_target_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -44,7 +44,7 @@ class DistillationObjective(nn.Module):
     token or two, so stacking them costs almost no padding and halves the encoder's calls), one decoder pass
     per task (a rationale is ~3x an answer, so stacking the decoders would pad the answers to it), one call of
     the embedding for every token id and one of the output projection for every target. A stacked batch
-    (:class:`mindmirror.collate.Collator`'s ``stacked``: both tasks' rows in the first four tensors, no ``expl_``
+    (:class:`mindmirror.core.collate.Collator`'s ``stacked``: both tasks' rows in the first four tensors, no ``expl_``
     tensors but ``expl_target_positions``) runs in one pass of the model: every module is called once per
     forward, which ZeRO-3 needs to release what it gathered as the backward goes.
     """

@@ -15,7 +15,7 @@ defaults (batch 16, lr 5e-5 constant, 1,024 input tokens, alpha 0.5); ``--epoch_
 every stage's epochs for small studies and ``--se_epoch_scale`` the self-evaluation stages' alone
 (they see 25 rows a question, so at the paper's epochs they cost several times the rest). After the
 last stage the selected model is evaluated on the test split with test-time self-evaluation
-(:mod:`mindmirror.eval_cli`). ``--data_dir`` names the folder holding ``<dataset>_tree1`` and
+(:mod:`mindmirror.evaluation.eval_cli`). ``--data_dir`` names the folder holding ``<dataset>_tree1`` and
 ``<dataset>_tree2`` (what ``mindmirror-teacher run --output_dir`` wrote; default: the bundled data).
 Runs go to ``<output_dir>/<dataset>/<model>/<recipe>/s<run>/stage<i>``;
 finished stages are skipped, so a stopped study continues where it was; ``mindmirror-report
@@ -36,7 +36,7 @@ from pathlib import Path
 from mindmirror import runfiles
 from mindmirror.data.formats import FAMILIES
 from mindmirror.data.registry import SELF_EVAL
-from mindmirror.launching import LAUNCH_LOG, TRAIN_SCRIPT, failure_reason, local_launch, log_tail
+from mindmirror.tools.launching import LAUNCH_LOG, TRAIN_SCRIPT, failure_reason, local_launch, log_tail
 
 
 @dataclass(frozen=True)
@@ -119,7 +119,7 @@ def run_stage(args, recipe: Recipe, i: int, seed: int) -> str | None:
 
 def evaluate_final(args, recipe: Recipe, seed: int) -> None:
     """Test the last stage's selected model with greedy decoding and both votes (skipped when done)."""
-    from mindmirror.eval_cli import main as evaluate
+    from mindmirror.evaluation.eval_cli import main as evaluate
 
     final = run_dir(args, recipe, seed) / f"stage{len(recipe.stages)}"
     if not (final / "eval_best_test.json").is_file():

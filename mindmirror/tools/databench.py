@@ -24,7 +24,7 @@ from pathlib import Path
 
 from mindmirror import runfiles
 from mindmirror.data.registry import BUNDLED_DATA_DIR, SELF_EVAL
-from mindmirror.launching import TRAIN_SCRIPT, local_launch
+from mindmirror.tools.launching import TRAIN_SCRIPT, local_launch
 
 ROWS_PER_QUESTION = 25  # 5 CoTs x 5 self-evaluations, with --num_train_branches 5
 CHUNK = 5000  # teacher records per chunk file

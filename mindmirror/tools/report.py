@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from mindmirror import runfiles
-from mindmirror.recipes import RECIPES
+from mindmirror.tools.recipes import RECIPES
 
 METRICS = (("test_accuracy", "test accuracy (greedy)"), ("majority_vote_accuracy", "majority vote"),
            ("self_eval_vote_accuracy", "self-evaluation vote"))

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from mindmirror import estimate
-from mindmirror.build import Run
-from mindmirror.objective import combine
-from mindmirror.runtime import peak_memory_mb
+from mindmirror.core.build import Run
+from mindmirror.core.flops import mfu
+from mindmirror.core.objective import combine
+from mindmirror.core.runtime import peak_memory_mb
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -78,7 +78,7 @@ class LogWindow:
                   "rationale_loss": rationale, "lr": lr, "grad_norm": grad_norm,
                   "tokens_per_s": self.tokens / elapsed, "samples_per_s": self.steps * run.global_batch / elapsed,
                   "model_flops_per_s": self.flops / elapsed, "peak_mem_mb": peak_memory_mb()}
-        achieved = estimate.mfu(self.flops / elapsed / run.world, peak)
+        achieved = mfu(self.flops / elapsed / run.world, peak)
         if achieved is not None:
             record["mfu"] = achieved
         self.reset()

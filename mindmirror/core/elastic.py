@@ -17,7 +17,7 @@ own files are read directly, one parameter at a time from memory-mapped files, s
 parameter's state beyond what training holds (without DeepSpeed, as in Accelerate's own load, the
 optimizer state is also copied once while it is set).
 
-Reading is :class:`mindmirror.weights.SavedState`, which also describes what each layout's files hold.
+Reading is :class:`mindmirror.core.weights.SavedState`, which also describes what each layout's files hold.
 
 Writing:
 
@@ -43,7 +43,7 @@ from pathlib import Path
 
 import torch
 
-from mindmirror.weights import DS_FOLDER, SavedState, optim_shards, read_torch
+from mindmirror.core.weights import DS_FOLDER, SavedState, optim_shards, read_torch
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ stage, precision) and ``manifest.json`` (every file and its size), written last.
 On resume (:func:`resume`) the ranks agree on one checkpoint: newest first, a checkpoint every rank
 sees complete (its manifest matches) is loaded by every rank, and only if every rank succeeded is it
 taken; otherwise all ranks move to the previous one together. A checkpoint written in another layout
-is loaded through :mod:`mindmirror.elastic`. When checkpoints exist and none loads, the run stops
+is loaded through :mod:`mindmirror.core.elastic`. When checkpoints exist and none loads, the run stops
 (:class:`ResumeError`) instead of training from scratch over them; a run without ``--resume`` stops
 too when its output folder holds an earlier run's checkpoints or ``best/`` (:func:`refuse_to_overwrite`).
 So pruning old checkpoints and replacing ``best/`` only ever happen in a run that resumed or started
@@ -26,10 +26,10 @@ import shutil
 import time
 from pathlib import Path
 
-from mindmirror import elastic
+from mindmirror.core import elastic
+from mindmirror.core.weights import write_gathered
 from mindmirror.model import save_tokenizer
 from mindmirror.runfiles import BEST, CHECKPOINTS, EXPORT_INFO
-from mindmirror.weights import write_gathered
 
 log = logging.getLogger(__name__)
 STATE_FILE, MANIFEST = "trainer_state.json", "manifest.json"
@@ -168,7 +168,7 @@ def resume(accelerator, out: Path, layout: elastic.Layout, model, optimizer, sch
     a checkpoint counts as complete only when every rank finds it so; every rank then loads it, and it
     is taken only when every rank succeeded, else all ranks move to the previous one together
     (re-loading everything). A checkpoint written in another layout loads through
-    :func:`mindmirror.elastic.load` (``optimizer_order``: the trainable parameters' names in
+    :func:`mindmirror.core.elastic.load` (``optimizer_order``: the trainable parameters' names in
     ``build_optimizer``'s order). With checkpoints and none loadable, raises :class:`ResumeError` on
     every rank. With none at all, returns the validation accuracy of an earlier ``best/`` export, if
     any, so that it is replaced only by a better model.
@@ -234,8 +234,8 @@ def export_model(accelerator, model, tokenizer, folder: Path, extra: dict | None
     Only the main process copies the weights to host memory: without ZeRO-3 every rank holds the whole
     module, so the main process reads its own; under ZeRO-3 the shards are gathered a module at a time (a
     collective that every rank joins) and streamed into ``model.safetensors``
-    (:func:`mindmirror.weights.write_gathered`), so no rank ever holds the whole model."""
-    from mindmirror.runtime import is_zero3  # Accelerate's import, only when a run exports
+    (:func:`mindmirror.core.weights.write_gathered`), so no rank ever holds the whole model."""
+    from mindmirror.core.runtime import is_zero3  # Accelerate's import, only when a run exports
 
     zero3 = is_zero3(accelerator)
     t5 = accelerator.unwrap_model(model).t5

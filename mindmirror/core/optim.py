@@ -59,5 +59,5 @@ def build_optimizer(cfg: TrainConfig, model, ds_config: dict | None):
         return DummyOptim(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     # Fused: one kernel reads and writes each element once, where foreach runs a dozen whole-tensor ops (on 2 CPU
     # cores 0.24 s instead of 1.5 s a step for t5-v1_1-small's 77M parameters), and it skips a non-finite step
-    # on the device (mindmirror.step.clip_and_step). torch has it on CPUs and GPUs.
+    # on the device (mindmirror.core.step.clip_and_step). torch has it on CPUs and GPUs.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=True)

@@ -1,7 +1,7 @@
 """The training loop: read it top to bottom.
 
-:func:`train` is the whole run: :func:`mindmirror.build.setup` builds the accelerator, data, model, optimizer and
-schedule into a :class:`~mindmirror.build.Run`; :meth:`Trainer.start` resumes (or starts) a :class:`TrainState`;
+:func:`train` is the whole run: :func:`mindmirror.core.build.setup` builds the accelerator, data, model, optimizer and
+schedule into a :class:`~mindmirror.core.build.Run`; :meth:`Trainer.start` resumes (or starts) a :class:`TrainState`;
 then epoch after epoch, for each optimizer step: collate its rows, stop?, :meth:`Trainer.train_step` (this rank's
 micro-batches, one clip and step), ``maybe_log``, ``maybe_evaluate`` (stop? before each batch), ``maybe_save``;
 at each epoch's end a validation; at the end the ``final/`` export, the test of the ``best/`` export, and
@@ -32,14 +32,17 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
-from mindmirror import checkpoint, estimate, evaluate, logs, results, runfiles, runtime
-from mindmirror.build import Run, setup
-from mindmirror.collate import step_batches
+from mindmirror import logs, runfiles
 from mindmirror.config import TrainConfig
-from mindmirror.optim import param_groups
-from mindmirror.runtime import Preemption, peak_memory_mb, shut_down
-from mindmirror.step import StepBatch, clip_and_step, collate_step, forward_backward, hold_schedule
-from mindmirror.tracking import LogWindow, MetricsLog
+from mindmirror.core import checkpoint, results, runtime
+from mindmirror.core.build import Run, setup
+from mindmirror.core.collate import step_batches
+from mindmirror.core.flops import peak_flops
+from mindmirror.core.optim import param_groups
+from mindmirror.core.runtime import Preemption, peak_memory_mb, shut_down
+from mindmirror.core.step import StepBatch, clip_and_step, collate_step, forward_backward, hold_schedule
+from mindmirror.core.tracking import LogWindow, MetricsLog
+from mindmirror.evaluation import evaluate
 
 log = logging.getLogger("mindmirror")
 EXIT_PREEMPTED = 75  # a signal asked us to stop: state saved; the SLURM template requeues on this code
@@ -135,7 +138,7 @@ class Trainer:
         self.vote = runtime.StopVote(run.world, timedelta(minutes=run.cfg.collective_timeout))
         self.first_step = None  # seconds from process start to the first step done, and the peak memory then
         self.t_steps = time.time()  # when training started (reset by start())
-        self.peak_flops = estimate.peak_flops(str(run.accelerator.device),
+        self.peak_flops = peak_flops(str(run.accelerator.device),
                                               "bf16" if run.precision == "bf16" else "fp32")  # None on CPU
         self.fault_steps = {int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s.strip()}
         self.kill_at = int(os.environ.get(FAULT_KILL_AT_STEP, "0"))
@@ -182,7 +185,7 @@ class Trainer:
 
     # ---- one step ----
     def collate_step(self, rows: list[int]) -> StepBatch:
-        """This rank's share of a step, collated on the host (:func:`mindmirror.step.collate_step`)."""
+        """This rank's share of a step, collated on the host (:func:`mindmirror.core.step.collate_step`)."""
         if self.state.step + 1 == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         return collate_step(self.run, rows)
@@ -201,7 +204,7 @@ class Trainer:
     def train_step(self, batch: StepBatch) -> None:
         """Forward and backward of this rank's micro-batches, then one clip and optimizer step (skipped, and
         the schedule held, when the loss or gradient is not finite). Nothing here reads the device: see
-        :func:`mindmirror.step.clip_and_step` for the one case that must."""
+        :func:`mindmirror.core.step.clip_and_step` for the one case that must."""
         run, state = self.run, self.state
         sums = forward_backward(run, batch, poison=state.step + 1 in self.fault_steps)
         lr = run.scheduler.get_last_lr()[0]  # the lr this step uses

@@ -1,4 +1,5 @@
-"""Analytic size, FLOP and memory figures for the T5 students (t5-v1_1 style), from a config alone.
+"""Analytic size and memory figures for the T5 students (t5-v1_1 style), from a config alone; their FLOPs,
+which the trainer counts too, are :mod:`mindmirror.core.flops`'s.
 
 Everything here reads only these config attributes: ``d_model``, ``d_kv``, ``d_ff``, ``num_heads``,
 ``num_layers``, ``num_decoder_layers``, ``vocab_size``, ``relative_attention_num_buckets``,
@@ -6,78 +7,35 @@ Everything here reads only these config attributes: ``d_model``, ``d_kv``, ``d_f
 where present, see :func:`tied_lm_head`) and ``dropout_rate`` for activation memory, so a
 ``transformers.T5Config`` or any stand-in object works and nothing is built or downloaded.
 
-FLOPs are matmul FLOPs (``2*m*n*k`` per product), exactly what ``torch.utils.flop_counter.FlopCounterMode``
-counts for transformers' *eager* T5 attention: the embedding look-ups, the relative position bias, norms,
-softmax and the loss count nothing. Attention scores and ``probs @ V`` are counted in full (the eager
-kernel computes the masked half of the causal decoder too). Training FLOPs are 3x forward (the backward
-of every matmul is two matmuls of the same size); gradient-checkpointing recomputation is *not* counted,
-so MFU from these figures is model FLOPs utilisation.
-
 Memory per rank is the model states, communication and gathered-parameter buffers as DeepSpeed 0.19's code
 allocates them for the trainer's DeepSpeed JSONs (never below DeepSpeed's own estimators), plus the tensors
-autograd saves for the backward pass; see :func:`memory_per_rank`. ``python -m mindmirror.estimate`` prints the
-planner against DeepSpeed's estimators.
+autograd saves for the backward pass; see :func:`memory_per_rank`. ``python -m mindmirror.tools.estimate``
+prints the planner against DeepSpeed's estimators.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from mindmirror.core.flops import decoder_layers, ffn_matrices, gated, inner_dim
 from mindmirror.runfiles import markdown_table
 
 GIB = 2 ** 30
 INDEX_BYTES = 8  # int64 token ids, position buckets and target indices saved for the backward pass
-PEAK_FLOPS_ENV = "MINDMIRROR_PEAK_FLOPS"
-
-# Dense (no 2:4 sparsity) tensor-core peaks in FLOP/s from NVIDIA's data sheets; "fp32" is the plain
-# (non-tensor-core) rate that fp32 matmuls get with torch's default allow_tf32=False. Order matters:
-# the first name fragment found in the device name wins.
-_PEAKS: tuple[tuple[str, dict[str, float]], ...] = (
-    ("H100 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 417.5e12, "fp32": 60e12}),
-    ("H100 PCIE", {"bf16": 756e12, "fp16": 756e12, "tf32": 378e12, "fp32": 51e12}),
-    ("H100", {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12, "fp32": 67e12}),  # SXM ("H100 80GB HBM3")
-    ("H200 NVL", {"bf16": 835e12, "fp16": 835e12, "tf32": 417.5e12, "fp32": 60e12}),
-    ("H200", {"bf16": 989e12, "fp16": 989e12, "tf32": 494.5e12, "fp32": 67e12}),  # also GH200
-    ("A100", {"bf16": 312e12, "fp16": 312e12, "tf32": 156e12, "fp32": 19.5e12}),
-    ("A10", {"bf16": 125e12, "fp16": 125e12, "tf32": 62.5e12, "fp32": 31.2e12}),  # A10 data sheet; A10G too
-    ("L40S", {"bf16": 362e12, "fp16": 362e12, "tf32": 183e12, "fp32": 91.6e12}),
-    ("L40", {"bf16": 181e12, "fp16": 181e12, "tf32": 90.5e12, "fp32": 90.5e12}),
-    ("L4", {"bf16": 121e12, "fp16": 121e12, "tf32": 60e12, "fp32": 30.3e12}),
-    ("V100", {"fp16": 125e12, "fp32": 15.7e12}),  # SXM2; no bf16 tensor cores
-)
 
 
 # ---------------------------------------------------------------------------------------------
-# architecture helpers
-
-
-def _inner(c) -> int:
-    return c.num_heads * c.d_kv
-
-
-def _decoder_layers(c) -> int:
-    n = getattr(c, "num_decoder_layers", None)
-    return c.num_layers if n is None else n
-
-
-def _gated(c) -> bool:
-    return str(c.feed_forward_proj).startswith("gated-")
+# architecture helpers (the rest: core.flops's inner_dim, decoder_layers, gated, ffn_matrices)
 
 
 def _act(c) -> str:
     if getattr(c, "dense_act_fn", None):  # what the model runs (mindmirror.speedups.fused_gelu sets it)
         return c.dense_act_fn
     act = str(c.feed_forward_proj).split("-")[-1]
-    return "gelu_new" if act == "gelu" and _gated(c) else act  # what T5Config does for "gated-gelu"
-
-
-def _ffn_matrices(c) -> int:
-    return 3 if _gated(c) else 2
+    return "gelu_new" if act == "gelu" and gated(c) else act  # what T5Config does for "gated-gelu"
 
 
 def tied_lm_head(config) -> bool:
@@ -103,111 +61,14 @@ def parameter_count(config) -> int:
     attention bias (buckets x heads) in the first self-attention layer of each stack, cross-attention in
     the decoder, and ``lm_head`` unless :func:`tied_lm_head`.
     """
-    d, inner, ff = config.d_model, _inner(config), config.d_ff
+    d, inner, ff = config.d_model, inner_dim(config), config.d_ff
     attention = 4 * d * inner
-    ffn = _ffn_matrices(config) * d * ff
+    ffn = ffn_matrices(config) * d * ff
     encoder = config.num_layers * (attention + ffn + 2 * d) + d
-    decoder = _decoder_layers(config) * (2 * attention + ffn + 3 * d) + d
+    decoder = decoder_layers(config) * (2 * attention + ffn + 3 * d) + d
     bias = config.relative_attention_num_buckets * config.num_heads
     embeddings = config.vocab_size * d * (1 if tied_lm_head(config) else 2)
     return encoder + decoder + 2 * bias + embeddings
-
-
-# ---------------------------------------------------------------------------------------------
-# FLOPs
-
-
-def forward_flops(config, enc_len: int, dec_len: int, target_tokens: int | None = None, batch: int = 1) -> int:
-    """Matmul FLOPs of one forward of one task on ``batch`` rows padded to ``enc_len``/``dec_len``.
-
-    Encoder: q/k/v/o projections, ``Q K^T`` and ``P V`` over all ``enc_len x enc_len`` pairs, FFN.
-    Decoder: the same for self-attention (full ``dec_len x dec_len``, as the eager kernel computes it),
-    cross-attention (q/o on decoder tokens, k/v on encoder tokens, ``dec_len x enc_len`` scores) and FFN;
-    ``lm_head`` on ``target_tokens`` positions only (default ``batch * dec_len``), as
-    :class:`~mindmirror.objective.DistillationObjective` projects only real targets.
-    Equals ``FlopCounterMode``'s count for an eager-attention forward. (With ``sdpa``, transformers'
-    default, CUDA kernels are counted the same, but on CPU the fused ``_scaled_dot_product_flash_attention_for_cpu``
-    used for cross-attention has no FLOP formula and FlopCounterMode silently counts 0 for it.)
-    """
-    d, inner, ff, h, dk = config.d_model, _inner(config), config.d_ff, config.num_heads, config.d_kv
-    e, t = batch * enc_len, batch * dec_len
-    targets = t if target_tokens is None else target_tokens
-    ffn_mats = _ffn_matrices(config)
-
-    def scores(q_len: int, k_len: int) -> int:  # Q K^T and P V
-        return 2 * (2 * batch * h * q_len * k_len * dk)
-
-    encoder_layer = 2 * e * d * inner * 4 + scores(enc_len, enc_len) + 2 * e * d * ff * ffn_mats
-    decoder_layer = (2 * t * d * inner * 4 + scores(dec_len, dec_len)
-                     + 2 * t * d * inner * 2 + 2 * e * d * inner * 2 + scores(dec_len, enc_len)
-                     + 2 * t * d * ff * ffn_mats)
-    return (config.num_layers * encoder_layer + _decoder_layers(config) * decoder_layer
-            + 2 * targets * d * config.vocab_size)
-
-
-def _as_list(value, n: int) -> list:
-    if isinstance(value, Sequence):
-        return list(value)
-    return [value] * n
-
-
-def training_flops(config, enc_lens: int | Sequence[int], dec_lens: int | Sequence[int],
-                   target_tokens: int | Sequence[int] | None = None, batch: int = 1) -> int:
-    """Forward + backward matmul FLOPs: 3x :func:`forward_flops` (backward = 2x forward).
-
-    With ints: one padded batch of ``batch`` rows. With sequences: one entry per row at its own (unpadded)
-    lengths, summed; ``target_tokens`` then gives each row's real targets (default: its ``dec_len``).
-    """
-    if not isinstance(enc_lens, Sequence) and not isinstance(dec_lens, Sequence):
-        return 3 * forward_flops(config, enc_lens, dec_lens, target_tokens, batch)
-    n = len(enc_lens) if isinstance(enc_lens, Sequence) else len(dec_lens)
-    encs, decs, targets = _as_list(enc_lens, n), _as_list(dec_lens, n), _as_list(target_tokens, n)
-    if not len(encs) == len(decs) == len(targets):
-        raise ValueError("enc_lens, dec_lens and target_tokens must have the same length")
-    return sum(3 * forward_flops(config, e, d, t) for e, d, t in zip(encs, decs, targets, strict=True))
-
-
-def sample_flops(config, enc_len: int, dec_len: int, rationale_enc_len: int = 0, rationale_dec_len: int = 0,
-                 training: bool = True) -> int:
-    """FLOPs of one distillation sample: the answer task plus, when its lengths are > 0, the rationale task.
-
-    All decoder positions are taken as real targets; ``training`` gives forward + backward, else forward.
-    """
-    flops = forward_flops(config, enc_len, dec_len)
-    if rationale_enc_len > 0 and rationale_dec_len > 0:
-        flops += forward_flops(config, rationale_enc_len, rationale_dec_len)
-    return 3 * flops if training else flops
-
-
-def peak_flops(device: str | None = None, dtype: str = "bf16") -> float | None:
-    """Dense peak FLOP/s of one accelerator for ``dtype`` ("bf16", "fp16", "tf32", "fp32"), or None.
-
-    ``MINDMIRROR_PEAK_FLOPS`` (FLOP/s, a float) always wins. Otherwise ``device`` is a device name such as
-    ``"NVIDIA H100 80GB HBM3"`` or a torch device string (``"cuda:1"``; default: the current CUDA device when
-    there is one), matched against known NVIDIA parts; CPUs, unknown devices and unsupported dtypes (bf16
-    on V100) give None.
-    """
-    override = os.environ.get(PEAK_FLOPS_ENV)
-    if override:
-        return float(override)
-    if device is None or device.startswith("cuda"):
-        import torch
-
-        if not torch.cuda.is_available():
-            return None
-        device = torch.cuda.get_device_name(device)
-    name = device.upper()
-    for fragment, peaks in _PEAKS:
-        if fragment in name:
-            return peaks.get(dtype)
-    return None
-
-
-def mfu(achieved_flops_per_s: float, peak: float | None) -> float | None:
-    """Model FLOPs utilisation: achieved / peak, or None when the peak is unknown."""
-    if not peak or peak <= 0:
-        return None
-    return achieved_flops_per_s / peak
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,10 +79,10 @@ def _ffn_saved(c, dropout: bool) -> int:
     """How many ``tokens x d_ff`` tensors the FFN saves (excluding dropout masks)."""
     act = _act(c)
     if act == "gelu_new":  # 0.5*x*(1+tanh(...)) in Python: x, tanh, 0.5*x, 1+tanh, the GELU output
-        return 7 if _gated(c) else 5  # + wi_1 output and the product (wo's input) when gated
+        return 7 if gated(c) else 5  # + wi_1 output and the product (wo's input) when gated
     if act == "relu":  # relu saves its output, which is also the gate's / wo's input
-        return 3 if _gated(c) else 1 + dropout
-    return 4 if _gated(c) else 2  # an activation that saves its input (F.gelu, silu, ...)
+        return 3 if gated(c) else 1 + dropout
+    return 4 if gated(c) else 2  # an activation that saves its input (F.gelu, silu, ...)
 
 
 def _pass_activations(c, size: int, mask_size: int, dropout: bool, batch: int, enc_len: int,
@@ -229,7 +90,7 @@ def _pass_activations(c, size: int, mask_size: int, dropout: bool, batch: int, e
     """Saved-for-backward bytes of one encoder pass over ``batch`` rows of ``enc_len`` tokens and of the decoder
     passes ``decoders`` (``(rows, dec_len, targets)`` each, attending to as many encoder rows), their targets
     going through the head; split for checkpointing."""
-    d, inner, ff, h, vocab = c.d_model, _inner(c), c.d_ff, c.num_heads, c.vocab_size
+    d, inner, ff, h, vocab = c.d_model, inner_dim(c), c.d_ff, c.num_heads, c.vocab_size
     upcast = 4 if size != 4 else 0  # RMSNorm saves an fp32 copy of a half-precision input
     drop = int(dropout)
 
@@ -256,7 +117,7 @@ def _pass_activations(c, size: int, mask_size: int, dropout: bool, batch: int, e
     full = c.num_layers * enc_block + outside + enc_len ** 2 * INDEX_BYTES  # the buckets: recomputed if checkpointed
     kept = c.num_layers * e * d * size + (h + batch) * enc_len ** 2 * size
     block = enc_block + enc_len ** 2 * INDEX_BYTES
-    n_dec = _decoder_layers(c)
+    n_dec = decoder_layers(c)
     for rows, dec_len, targets in decoders:
         t = rows * dec_len
         dec_block = attention(rows, dec_len, dec_len) + attention(rows, dec_len, enc_len) + ffn(t)  # self, cross, FFN
@@ -280,10 +141,10 @@ def activation_bytes(config, micro_batch: int, enc_len: int, dec_len: int, preci
 
     Both tasks run in one forward, so the answer task (``enc_len``/``dec_len``) and the rationale task
     (``rationale_enc_len``/``rationale_dec_len``, default the answer's) are alive together. By default (what the
-    trainer runs under DDP and ZeRO-1/2, :class:`mindmirror.objective.DistillationObjective`) both tasks'
+    trainer runs under DDP and ZeRO-1/2, :class:`mindmirror.core.objective.DistillationObjective`) both tasks'
     questions run as one encoder pass of ``2 x micro_batch`` rows at the longer encoder length, and each task's
     decoder as a pass of ``micro_batch`` rows at its own length. ``stacked`` (with the rationale task) is the
-    batch the trainer runs under ZeRO-3 (:class:`mindmirror.collate.Collator`'s ``stacked``): the decoders, too,
+    batch the trainer runs under ZeRO-3 (:class:`mindmirror.core.collate.Collator`'s ``stacked``): the decoders, too,
     run as one pass of ``2 x micro_batch`` rows at the longer decoder length; only the real targets reach the
     head. Targets default
     to every decoder position of the task's own length. The model is transformers' eager T5 (see the module
@@ -330,10 +191,10 @@ def _parameter_tensors(c) -> list[tuple[str, int, int]]:
     """``(kind, elements, how many)`` for every parameter tensor of the model; they add up to
     :func:`parameter_count`. Kinds: ``embedding``, ``lm_head``, ``matrix`` (attention and FFN weights),
     ``bias`` (relative position buckets), ``norm`` (RMS-norm weights)."""
-    d, inner, ff = c.d_model, _inner(c), c.d_ff
-    n_enc, n_dec = c.num_layers, _decoder_layers(c)
+    d, inner, ff = c.d_model, inner_dim(c), c.d_ff
+    n_enc, n_dec = c.num_layers, decoder_layers(c)
     tensors = [("embedding", c.vocab_size * d, 1), ("matrix", d * inner, 4 * n_enc + 8 * n_dec),
-               ("matrix", d * ff, _ffn_matrices(c) * (n_enc + n_dec)),
+               ("matrix", d * ff, ffn_matrices(c) * (n_enc + n_dec)),
                ("bias", c.relative_attention_num_buckets * c.num_heads, 2),
                ("norm", d, (2 * n_enc + 1) + (3 * n_dec + 1))]
     if not tied_lm_head(c):
@@ -357,7 +218,7 @@ def _count(config, kinds=None, at_most: int | None = None) -> int:
 # ---------------------------------------------------------------------------------------------
 # DeepSpeed's settings, as the trainer resolves them
 
-DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+DS_CONFIGS = Path(__file__).resolve().parents[2] / "ds_configs"
 # deepspeed/runtime/engine.py MEMORY_OPT_ALLREDUCE_SIZE: the bucket in which the engine all-reduces the BF16
 # optimizer's gradient buffers (it flushes once the tensors added exceed it)
 MEMORY_OPT_ALLREDUCE_SIZE = 500_000_000
@@ -374,7 +235,7 @@ def shipped_deepspeed_config(zero_stage: int, offload: bool = False) -> dict:
 @dataclass(frozen=True)
 class ZeroSettings:
     """The sizes and switches of a DeepSpeed JSON that decide its buffers, "auto" resolved as the trainer does:
-    ``reduce_bucket_size`` and ``stage3_prefetch_bucket_size`` by :func:`mindmirror.runtime.bucket_elements`
+    ``reduce_bucket_size`` and ``stage3_prefetch_bucket_size`` by :func:`mindmirror.core.runtime.bucket_elements`
     (``fill_deepspeed_sizes``), and so ``stage3_max_reuse_distance`` of a ZeRO-3 JSON, "auto" or left out
     (``runtime.ZERO3_SCALED``); ``stage3_param_persistence_threshold`` by Accelerate (10 x ``d_model``);
     other missing keys take DeepSpeed 0.19's defaults (deepspeed/runtime/zero/config.py)."""
@@ -400,7 +261,7 @@ def zero_settings(ds_config: dict, zero_stage: int, parameters: int, d_model: in
             value = default if auto is None else auto
         return int(float(value))
 
-    from mindmirror.runtime import bucket_elements  # the trainer's rule for "auto" buckets (one home)
+    from mindmirror.core.runtime import bucket_elements  # the trainer's rule for "auto" buckets (one home)
 
     bucket = bucket_elements(parameters, d_model)
     scaled = bucket if zero.get("stage") == 3 else None  # fill_deepspeed_sizes sizes these only in a ZeRO-3 JSON
@@ -478,7 +339,7 @@ def _zero3_gathered(c, p_gathered: int, s: ZeroSettings, aliased: bool) -> int:
     parameter_offload.py), ``p_gathered`` being the parameters not kept whole anyway (persistent ones).
 
     * The trainer calls every module once per forward under ZeRO-3: with the rationale task the collator
-      stacks both tasks' rows into one batch (:class:`mindmirror.collate.Collator`'s ``stacked``), so each
+      stacks both tasks' rows into one batch (:class:`mindmirror.core.collate.Collator`'s ``stacked``), so each
       module's backward releases it as DeepSpeed means to.
     * A gathered module is not released while it is used again within ``stage3_max_reuse_distance`` (``R``)
       elements of the recorded trace; the prefetcher gathers up to ``stage3_prefetch_bucket_size`` ahead. With
@@ -784,7 +645,7 @@ def deepspeed_comparison(sizes=COMPARED_SIZES, world_sizes=COMPARED_WORLD_SIZES,
 
 
 def deepspeed_table(rows: list[dict] | None = None) -> str:
-    """:func:`deepspeed_comparison` as a Markdown table in GiB (``python -m mindmirror.estimate`` prints it)."""
+    """:func:`deepspeed_comparison` as a Markdown table in GiB (``python -m mindmirror.tools.estimate`` prints it)."""
     rows = deepspeed_comparison() if rows is None else rows
     header = ("model", "GPUs", "ZeRO", "DeepSpeed's estimator", "planner: model states", "ratio",
               "planner: + buffers, no activations", "ratio")

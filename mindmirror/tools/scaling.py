@@ -2,7 +2,7 @@
 
 Every point is a real short training run of ``train/main.py`` through ``accelerate launch``. Per point
 the study records the parameter count, step time, tokens/s, samples/s, model FLOP/s and MFU (model
-FLOPs from :mod:`mindmirror.estimate`, against the device's peak: detected on known GPUs, or
+FLOPs from :mod:`mindmirror.core.flops`, against the device's peak: detected on known GPUs, or
 ``--peak_tflops`` / ``MINDMIRROR_PEAK_FLOPS``), the peak memory of every rank (CUDA max allocated on
 GPU, peak RSS on CPU) beside the analytic estimate, and a status: ``ok``, ``out of memory`` or
 ``failed`` with the reason. A failing point never stops the sweep. Results go to ``results.jsonl``
@@ -28,9 +28,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mindmirror import estimate, runfiles
-from mindmirror.launching import LAUNCH_LOG, REPO, TRAIN_SCRIPT, failure_reason, local_launch, log_tail
+from mindmirror import runfiles
+from mindmirror.core.flops import PEAK_FLOPS_ENV
 from mindmirror.model import SIZES, model_config
+from mindmirror.tools import estimate
+from mindmirror.tools.launching import LAUNCH_LOG, REPO, TRAIN_SCRIPT, failure_reason, local_launch, log_tail
 
 DS_CONFIGS = REPO / "ds_configs"
 ZERO_VARIANTS = ("0", "1", "2", "3", "2+offload", "3+offload")
@@ -89,7 +91,7 @@ def dry_run(points: list[Point], args) -> str:
              f"/ decoder {args.dec_len} tokens per task, both tasks" +
              (", gradient checkpointing" if args.gradient_checkpointing else "") +
              "; total = params + grads + optimizer + the larger of buffers + activations and what is alive "
-             "after the backward (GiB; mindmirror.estimate.memory_per_rank names every term)", ""]
+             "after the backward (GiB; mindmirror.tools.estimate.memory_per_rank names every term)", ""]
     header = ["point", "parameters", "params", "grads", "optimizer", "buffers", "activations", "after backward",
               "total GiB", "on host GiB"] + ([f"fits {gb:g} GB"] if gb else [])
     rows = []
@@ -194,7 +196,7 @@ def run_point(p: Point, args, root: Path, e: estimate.MemoryEstimate) -> dict:
               "est_breakdown_mb": {k: v * 1024 for k, v in e.gib().items()}}
     cmd, env = command(p, args, out)
     if args.peak_tflops:
-        env[estimate.PEAK_FLOPS_ENV] = str(args.peak_tflops * 1e12)
+        env[PEAK_FLOPS_ENV] = str(args.peak_tflops * 1e12)
     t0 = time.time()
     with open(out / LAUNCH_LOG, "w") as log:
         try:

@@ -21,7 +21,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mindmirror.objective import IGNORE, find_target_positions
+from mindmirror.core.objective import find_target_positions
+from mindmirror.model import IGNORE, pad
 
 LENGTH_WINDOW = 50  # global batches per length-sorting window
 
@@ -56,16 +57,6 @@ def rank_micro_batches(step: list[int], micro_batch: int, accum: int, world: int
     """This rank's ``accum`` micro-batches of one global step (rows dealt in contiguous chunks)."""
     assert len(step) == micro_batch * accum * world
     return [step[(g * world + rank) * micro_batch:(g * world + rank + 1) * micro_batch] for g in range(accum)]
-
-
-def pad(seqs: list[list[int]], value: int, multiple: int = 1) -> torch.Tensor:
-    """Right-pad token id lists with ``value`` into one tensor, its width rounded up to ``multiple``."""
-    width = max(len(s) for s in seqs)
-    width = -(-width // multiple) * multiple
-    out = torch.full((len(seqs), width), value, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-    return out
 
 
 class Collator:

@@ -3,7 +3,7 @@ streams them in and out of a ZeRO-3-partitioned module.
 
 - :class:`SavedState`: the layout-free training state of a resumable checkpoint (weights and AdamW moments by
   parameter name, Adam's step count), read one parameter, or one slice of it, at a time from whichever layout's
-  files wrote it; :mod:`mindmirror.elastic` writes it into the objects of another layout.
+  files wrote it; :mod:`mindmirror.core.elastic` writes it into the objects of another layout.
 - :func:`load_export`: an export's model, whole; :func:`checkpoint_state_dict`: a checkpoint's weights,
   consolidated (``mindmirror-eval`` on a checkpoint).
 - :func:`write_gathered` and :func:`load_partitioned`: a ZeRO-3 module's weights to a safetensors export and back,

@@ -1,5 +1,5 @@
 """Generation over an evaluation split (greedy, sharded over ranks; or sampled), scoring, and the
-test-time self-evaluation of :mod:`mindmirror.selfeval` over a whole split."""
+test-time self-evaluation of :mod:`mindmirror.evaluation.selfeval` over a whole split."""
 
 from __future__ import annotations
 
@@ -10,10 +10,9 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object
 
-from mindmirror import metrics, selfeval
-from mindmirror.collate import pad
 from mindmirror.data.registry import DATASETS, SELF_EVAL
-from mindmirror.model import eval_mode
+from mindmirror.evaluation import metrics, selfeval
+from mindmirror.model import eval_mode, pad
 
 
 class EvaluationStopped(Exception):
@@ -105,9 +104,9 @@ def evaluate_split(t5, tokenizer, table, *, family: str, kind: str, model_type: 
     ``label`` columns give the records' text and the gold answers), the rows shared out over ``world``
     ranks (``synced_gpus`` under ZeRO-3: every rank generates in lockstep) and gathered on every rank;
     with ``samples`` > 0 (one process) also the majority vote over that many sampled answers and, where the
-    model has the rationale task, the vote weighted by the student's own verdicts (:mod:`mindmirror.selfeval`).
-    Returns the accuracies and one record per row, on every rank. ``between_batches``: see :func:`generate`
-    (greedy generation only).
+    model has the rationale task, the vote weighted by the student's own verdicts
+    (:mod:`mindmirror.evaluation.selfeval`). Returns the accuracies and one record per row, on every rank.
+    ``between_batches``: see :func:`generate` (greedy generation only).
     """
     if samples > 0 and world > 1:
         raise ValueError("sampled votes run in one process (mindmirror-eval); greedy evaluation shards over ranks")

@@ -11,7 +11,7 @@ import socket
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN_SCRIPT = REPO / "train" / "main.py"
 LAUNCH_LOG = "console.txt"  # a launched run's captured stdout and stderr (its own log is log.txt)
 OOM_PATTERNS = ("out of memory", "outofmemoryerror", "cannot allocate memory", "memoryerror")

@@ -1,7 +1,7 @@
 """A run's evaluations: the validation accuracy of the model in training, which picks the ``best/`` export
 (:func:`validate`), and the test of that export once training is over (:func:`evaluate_best_export`). Both
 generate greedily with the rows shared out over the ranks (in lockstep under ZeRO-3) and can stop between two
-batches (``between_batches``: see :func:`mindmirror.evaluate.generate`)."""
+batches (``between_batches``: see :func:`mindmirror.evaluation.evaluate.generate`)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,18 @@ import functools
 import json
 from collections.abc import Callable
 
-from mindmirror import evaluate, runfiles, runtime, weights
-from mindmirror.build import Run, eval_batch_size
+from mindmirror import runfiles
+from mindmirror.core import runtime, weights
+from mindmirror.core.build import Run, eval_batch_size
 from mindmirror.data.registry import DATASETS
+from mindmirror.evaluation import evaluate
 
 EXAMPLES = 3  # test questions shown with the student's rationale at the end of a run
 
 
 def split_evaluator(run: Run, t5, tokenizer, between_batches: Callable[[], bool] | None):
-    """:func:`mindmirror.evaluate.evaluate_split` with this run's settings for the model ``t5``, given a table."""
+    """:func:`mindmirror.evaluation.evaluate.evaluate_split` with this run's settings for the model ``t5``, given a
+    table."""
     cfg, accelerator = run.cfg, run.accelerator
     return functools.partial(evaluate.evaluate_split, t5, tokenizer, family=DATASETS[cfg.dataset].family,
                              kind=run.metric_kind, model_type=cfg.model_type, device=accelerator.device,

@@ -8,7 +8,7 @@ flags override it. Writes ``eval_<model>_<split>.json`` (accuracies) and
 ``eval_<model>_<split>_predictions.jsonl`` (input, predicted answer, generated rationale, gold,
 correct, and with ``--self_eval_samples`` the sampled answers, rationales, verdicts and votes) to
 the run folder or ``--output_dir``, and prints greedy, majority-vote and self-evaluation-vote
-accuracy side by side (see :mod:`mindmirror.selfeval`).
+accuracy side by side (see :mod:`mindmirror.evaluation.selfeval`).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 from mindmirror import runfiles
-from mindmirror.checkpoint import STATE_FILE, checkpoint_problem
 from mindmirror.config import TrainConfig
+from mindmirror.core.checkpoint import STATE_FILE, checkpoint_problem
+from mindmirror.core.weights import checkpoint_state_dict, load_export
 from mindmirror.data.registry import DATASETS, MODEL_TYPES, SELF_EVAL
 from mindmirror.model import ModelLoadError
-from mindmirror.weights import checkpoint_state_dict, load_export
 
 
 def run_config(run_dir: Path) -> dict:
@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
     import torch
 
     from mindmirror.data.loader import load_data
-    from mindmirror.evaluate import evaluate_split, metric_kind, write_records
+    from mindmirror.evaluation.evaluate import evaluate_split, metric_kind, write_records
 
     args = parse_args(argv)
     model = Path(args.model).resolve()

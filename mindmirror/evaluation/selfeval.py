@@ -17,9 +17,9 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 
-from mindmirror import metrics
 from mindmirror.data.formats import VERDICTS
 from mindmirror.data.tokenize import PREDICT
+from mindmirror.evaluation import metrics
 
 CORRECT = "correct"
 
@@ -98,9 +98,7 @@ def verdict_probabilities(t5, tokenizer, cots: Sequence[str], *, device, batch_s
     """
     import torch
 
-    from mindmirror.collate import pad
-    from mindmirror.model import eval_mode
-    from mindmirror.objective import IGNORE
+    from mindmirror.model import IGNORE, eval_mode, pad
 
     labels_one = pad([tokenizer(v)["input_ids"] for v in VERDICTS], IGNORE)
     out = []

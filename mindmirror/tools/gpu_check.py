@@ -1,13 +1,13 @@
 """The logic behind ``launch/gpu_check.sh``: the script only assembles and times the trainer's commands; this
 module plans the check, writes its data, runs inside each trainer process, prints each run's row and judges.
 
-    python -m mindmirror.gpu_check plan  --scratch DIR ...   # batch, data, DeepSpeed JSONs: DIR/plan.json, plan.env
-    python -m mindmirror.gpu_check train --syncs FILE ...    # what accelerate launches: the trainer, counting syncs
-    python -m mindmirror.gpu_check row   --plan ... --name ddp --run DIR ...   # one run's row, as it ends
-    python -m mindmirror.gpu_check judge --plan ... --results DIR   # loss agreement, the reload's float32: PASS/FAIL
+  python -m mindmirror.tools.gpu_check plan  --scratch DIR ...  # batch, data, DeepSpeed JSONs: DIR/plan.json, plan.env
+  python -m mindmirror.tools.gpu_check train --syncs FILE ...   # what accelerate launches: the trainer, counting syncs
+  python -m mindmirror.tools.gpu_check row   --plan ... --name ddp --run DIR ...  # one run's row, as it ends
+  python -m mindmirror.tools.gpu_check judge --plan ... --results DIR  # loss agreement, the reload's float32: PASS/FAIL
 
 **plan** picks the micro-batch (the largest multiple of 8 whose memory plan,
-:func:`mindmirror.estimate.memory_per_rank`, fits ``--fill`` of the GPU in every layout, unless ``--batch`` is
+:func:`mindmirror.tools.estimate.memory_per_rank`, fits ``--fill`` of the GPU in every layout, unless ``--batch`` is
 given), writes a ``svamp_tree1`` data set in the tree-of-thought layout the trainer reads, whose inputs are longer
 than ``--input_len`` tokens and whose CoT rationales are longer than ``--target_len`` (so truncation makes every row
 exactly that long), refuses a model whose checkpoints and exports would not fit ``--max_disk_gb``, and, on CPU,
@@ -113,7 +113,7 @@ def write_data(folder: Path, problems: dict) -> Path:
 
 def fp32_deepspeed_json(name: str, out: Path) -> Path:
     """ds_configs/<name>.json with bf16 off (and, for ZeRO-3, every parameter partitioned), for CPU runs."""
-    from mindmirror.estimate import DS_CONFIGS
+    from mindmirror.tools.estimate import DS_CONFIGS
 
     config = json.loads((DS_CONFIGS / f"{name}.json").read_text())
     config["bf16"] = {"enabled": False}
@@ -128,7 +128,7 @@ def fp32_deepspeed_json(name: str, out: Path) -> Path:
 def planned_bytes(config, stage: int, precision: str, batch: int, input_len: int, label_len: int,
                   target_len: int) -> int:
     """The planner's per-GPU figure for one process of this check (both tasks, as the trainer runs them)."""
-    from mindmirror import estimate
+    from mindmirror.tools import estimate
 
     return estimate.memory_per_rank(config, stage, 1, False, precision, batch, input_len, label_len,
                                     rationale_dec_len=target_len).total
@@ -158,7 +158,8 @@ def plan(args) -> int:
     precision = "bf16" if cuda else "fp32"
     tokenizer = load_tokenizer("", args.model, True)
     config = model_config(args.model, args.vocab_size or len(tokenizer))
-    from mindmirror.estimate import parameter_count, peak_flops
+    from mindmirror.core.flops import peak_flops
+    from mindmirror.tools.estimate import parameter_count
 
     parameters = parameter_count(config)
 
@@ -260,14 +261,14 @@ def count_host_syncs(path: Path) -> None:
 
     import torch
 
-    from mindmirror import loop
+    from mindmirror.core import loop
 
     trainer = getattr(loop, "Trainer", None)
     step = getattr(trainer, "train_step", None)
     if not torch.cuda.is_available():
         record["reason"] = "no CUDA: torch.cuda.set_sync_debug_mode counts CUDA syncs only"
     elif step is None:
-        record["reason"] = "mindmirror.loop.Trainer.train_step not found: no step boundary to count at"
+        record["reason"] = "mindmirror.core.loop.Trainer.train_step not found: no step boundary to count at"
     if record["reason"]:
         dump()
         return
@@ -360,7 +361,7 @@ def save_seconds(run: Path) -> float | None:
         if m:
             second = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
             started[int(m.group(3))] = second + int(m.group(2)) / 1e3
-    for step in sorted(started, reverse=True):  # mindmirror.checkpoint's names (not imported: it needs torch)
+    for step in sorted(started, reverse=True):  # mindmirror.core.checkpoint's names (not imported: it needs torch)
         manifest = run / "checkpoints" / f"step_{step}" / "manifest.json"
         if manifest.is_file():
             return manifest.stat().st_mtime - started[step]
@@ -397,7 +398,7 @@ def _status(rc: int, console: Path, summary: dict | None, limit: int | None, ski
         return "ok"
     if rc in (124, 137):
         return f"killed at the {limit} s limit" if limit else "killed at its time limit"
-    from mindmirror.launching import failure_reason
+    from mindmirror.tools.launching import failure_reason
 
     try:
         text = console.read_text(errors="replace")[-20000:]
@@ -530,7 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["train"]:  # the trainer's own flags follow: not parsed here
         return train(argv[1:])
-    parser = argparse.ArgumentParser(prog="python -m mindmirror.gpu_check", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mindmirror.tools.gpu_check", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="choose the batch, write the data and plan.json/plan.env")
     p.add_argument("--scratch", required=True)
