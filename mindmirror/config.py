@@ -224,10 +224,10 @@ def default_output_dir(cfg: TrainConfig, **override) -> Path:
 
 def _finished(run_dir: Path) -> float | None:
     """When the run in ``run_dir`` finished (its summary.json, written last), or ``None`` if it has not."""
+    summary = runfiles.finished_summary(run_dir)
     try:
-        summary = run_dir / runfiles.SUMMARY
-        return summary.stat().st_mtime if "final_step" in json.loads(summary.read_text()) else None
-    except (OSError, ValueError, TypeError):
+        return (run_dir / runfiles.SUMMARY).stat().st_mtime if summary and "final_step" in summary else None
+    except OSError:  # removed meanwhile
         return None
 
 
@@ -289,11 +289,9 @@ def find_stage1_export(cfg: TrainConfig) -> tuple[Path, str]:
 
 def flags_markdown() -> str:
     """The flag table of the README (kept in sync by a test)."""
-    lines = ["| flag | default | meaning |", "|---|---|---|"]
-    for f in fields(TrainConfig):
-        default = "(empty)" if f.default == "" else f"`{f.default}`"
-        lines.append(f"| `--{f.name}` | {default} | {f.metadata['help'].replace('|', '/')} |")
-    return "\n".join(lines)
+    return runfiles.markdown_table(["flag", "default", "meaning"], [
+        [f"`--{f.name}`", "(empty)" if f.default == "" else f"`{f.default}`", f.metadata["help"].replace("|", "/")]
+        for f in fields(TrainConfig)])
 
 
 def parse_args(argv: list[str] | None = None) -> TrainConfig:

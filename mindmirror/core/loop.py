@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from mindmirror import logs, runfiles
+from mindmirror.atomic import write_atomic
 from mindmirror.config import TrainConfig
 from mindmirror.core import checkpoint, results, runtime
 from mindmirror.core.build import Run, setup
@@ -163,7 +164,7 @@ class Trainer:
                                                          run.optimizer, run.scheduler, order))
         logs.write_to(run.out / runfiles.LOG)
         if run.is_main:  # a refused run changes no file
-            (run.out / runfiles.CONFIG).write_text(json.dumps(run.requested, indent=2))
+            write_atomic(run.out / runfiles.CONFIG, json.dumps(run.requested, indent=2))
             with open(run.out / runfiles.SKIPPED, "w") as f:
                 f.writelines(json.dumps(asdict(s)) + "\n" for s in run.report.skipped)
             self.metrics.open(run.out / runfiles.METRICS)
@@ -384,7 +385,7 @@ class Trainer:
         # What each stage of a chain of runs cost (this one last), for mindmirror-report's totals.
         summary["stages"] = runfiles.earlier_stages(cfg.init_from) + [runfiles.stage_cost(summary)]
         if run.is_main:
-            (run.out / runfiles.SUMMARY).write_text(json.dumps(summary, indent=2))
+            write_atomic(run.out / runfiles.SUMMARY, json.dumps(summary, indent=2))  # last: the run has finished
             logs.print_examples(examples)
             runfiles.print_table(logs.result_rows(summary, run.out))
         self.vote.close()
