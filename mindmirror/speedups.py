@@ -1,4 +1,4 @@
-"""Faster stand-ins for three pieces of the stock transformers T5, the same functions in less time.
+"""Faster stand-ins for pieces of the stock transformers T5 and of torch, the same functions in less time.
 
 ``mindmirror.model.load_model`` applies them (``speedups=False`` keeps the stock model, as the
 benchmark's baseline does). Measured in docs/benchmarks.md.
@@ -100,3 +100,33 @@ def fused_rms_norm(model):
         if type(module) is T5LayerNorm:
             module.__class__ = RMSNorm
     return model
+
+
+class TokenCrossEntropy(torch.autograd.Function):
+    """``F.cross_entropy(logits, targets, reduction="none")`` (rows x vocabulary logits, every target a real token),
+    equal in the forward to the bit and in the gradient to within an ulp, in about half the time and memory passes.
+
+    torch's cross-entropy backward first zero-fills a logits-sized gradient of the log-probabilities and scatters
+    the targets' gradients into it (``nll_loss_backward``), then reads it and the saved log-probabilities to write
+    the logits' gradient (``log_softmax_backward``): three passes over a 1,100 x 32,128 tensor at batch 16. Here the
+    gradient is written into the saved log-probabilities themselves, ``softmax * g`` less ``g`` at each target:
+    one exponential and one scaling pass, in place (nothing else holds that tensor)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets):
+        log_probs = torch.log_softmax(logits, dim=-1)
+        ctx.save_for_backward(log_probs, targets)
+        return log_probs.gather(1, targets[:, None]).squeeze(1).neg()
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        log_probs, targets = ctx.saved_tensors  # a second backward through this graph fails autograd's version check
+        grad = grad[:, None].to(log_probs.dtype)
+        logits_grad = log_probs.exp_().mul_(grad)
+        return logits_grad.scatter_add_(1, targets[:, None], grad.neg()), None
+
+
+def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy of each row of ``logits`` at its target (:class:`TokenCrossEntropy`)."""
+    return TokenCrossEntropy.apply(logits, targets)

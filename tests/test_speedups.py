@@ -1,15 +1,17 @@
 """The stand-ins of mindmirror.speedups compute what the stock T5 pieces compute: the dropout keeps 1 - p of its
-input, scaled, from torch's seed; the norm and the GELU match transformers' own to float rounding."""
+input, scaled, from torch's seed; the norm and the GELU match transformers' own to float rounding; the cross-entropy
+is torch's."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers.activations import NewGELUActivation
 from transformers.models.t5.modeling_t5 import T5LayerNorm
 
 from mindmirror.model import load_model, load_tokenizer
-from mindmirror.speedups import Dropout, RMSNorm, keep_mask
+from mindmirror.speedups import Dropout, RMSNorm, keep_mask, token_cross_entropy
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -35,6 +37,28 @@ def test_dropout_scales_what_it_keeps_and_passes_the_gradient_through_the_same_m
     assert torch.allclose(x.grad, kept.float() / 0.75)
     assert torch.equal(dropout.eval()(x), x)
     assert torch.equal(Dropout(1.0).train()(x), torch.zeros_like(x))
+
+
+def test_token_cross_entropy_is_torchs_and_its_gradient_too():
+    torch.manual_seed(2)
+    logits, targets, weights = torch.randn(37, 1000) * 4, torch.randint(1000, (37,)), torch.rand(37)
+
+    def loss_and_grad(cross_entropy):
+        x = logits.clone().requires_grad_()
+        losses = cross_entropy(x, targets)
+        (losses * weights).sum().backward()
+        return losses.detach(), x.grad
+
+    ours, ours_grad = loss_and_grad(token_cross_entropy)
+    theirs, theirs_grad = loss_and_grad(lambda x, t: F.cross_entropy(x, t, reduction="none"))
+    assert torch.equal(ours, theirs)  # the same log-softmax, read at the targets
+    assert torch.allclose(ours_grad, theirs_grad, rtol=1e-6, atol=1e-8)
+    assert (ours_grad.sum(1)).abs().max() < 1e-6  # softmax * g less g at the target: each row sums to zero
+    x = logits.clone().requires_grad_()
+    losses = token_cross_entropy(x, targets).sum()
+    losses.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        losses.backward()  # its saved tensor became the gradient: a second pass fails loudly, never silently
 
 
 def test_rms_norm_is_t5s_norm():

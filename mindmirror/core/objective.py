@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mindmirror.model import IGNORE
+from mindmirror.speedups import token_cross_entropy
 
 
 def find_target_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -84,11 +85,9 @@ class DistillationObjective(nn.Module):
         if getattr(t5.config, "scale_decoder_outputs", t5.config.tie_word_embeddings):
             hidden = hidden * (t5.config.d_model ** -0.5)
         logits = t5.lm_head(hidden).float()
-        if len(targets) == 1:
-            return [F.cross_entropy(logits, targets[0], reduction="sum")]
         # one cross-entropy, its per-token losses summed by group (the groups' sizes are tensor shapes, known
         # without a device read): slicing the logits instead would zero-fill a gradient of their size per group
-        losses = F.cross_entropy(logits, torch.cat(targets), reduction="none")
+        losses = token_cross_entropy(logits, targets[0] if len(targets) == 1 else torch.cat(targets))
         return [part.sum() for part in losses.split([t.shape[0] for t in targets])]
 
     def token_loss_sum(self, input_ids, attention_mask, decoder_input_ids, labels, target_positions=None):
