@@ -2,14 +2,26 @@
 
 import json
 import os
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO
 from mindmirror.cli import train_main
-from mindmirror.config import TrainConfig, parse_args
+from mindmirror.config import (
+    COMPAT_FLAGS,
+    GROUPS,
+    CheckpointConfig,
+    DataConfig,
+    EvaluationConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    TrainConfig,
+    group,
+    parse_args,
+)
 
 ORIGINAL_FLAGS = ["from_pretrained", "dataset", "model_type", "label_type", "llm", "alpha", "batch_size",
                   "max_input_length", "run", "prompt", "num_train_branches", "num_train_epochs", "lr",
@@ -67,6 +79,106 @@ def test_readme_flag_table_matches_the_code():
     readme = (REPO / "README.md").read_text()
     block = readme.split("<!-- flags:start")[1].split("-->", 1)[1].split("<!-- flags:end -->")[0].strip()
     assert block == flags_markdown(), "regenerate the README table with mindmirror.config.flags_markdown()"
+
+
+# ---------------------------------------------------------------------------------------------
+# The six groups (issue 23): each flag in one, read flat or as a typed group
+
+def test_every_flag_is_in_exactly_one_group_and_train_config_is_their_union():
+    names = [f.name for cls in GROUPS for f in fields(cls)]
+    assert len(names) == len(set(names)), sorted(n for n in names if names.count(n) > 1)
+    assert names == [f.name for f in fields(TrainConfig)]  # data first, logging last
+    assert (DataConfig, ModelConfig, OptimConfig, CheckpointConfig, EvaluationConfig, LoggingConfig) == GROUPS
+    assert all(issubclass(TrainConfig, cls) for cls in GROUPS)
+
+
+@pytest.mark.parametrize("cls, names", [
+    (DataConfig, {"dataset", "data_dir", "model_type", "label_type", "llm", "num_train_branches", "valid_fraction",
+                  "subsample", "max_input_length", "max_target_length", "skip_bad_records", "strict_data",
+                  "max_bad_fraction", "cache_dir", "preprocessing_num_workers", "prompt"}),
+    (ModelConfig, {"from_pretrained", "tokenizer", "random_init", "vocab_size", "init_from", "continue_train",
+                   "gradient_checkpointing", "parallelize", "bf16"}),
+    (OptimConfig, {"run", "alpha", "batch_size", "grad_accum_steps", "grad_steps", "lr", "lr_scheduler",
+                   "warmup_ratio", "weight_decay", "position_bias_lr_scale", "max_grad_norm", "optimizer_name",
+                   "num_train_epochs", "max_steps", "group_by_length", "pad_to_multiple_of", "max_nonfinite_steps",
+                   "collective_timeout", "local_rank"}),
+    (CheckpointConfig, {"output_dir", "save_steps", "save_total_limit", "resume"}),
+    (EvaluationConfig, {"eval_steps", "gen_max_len", "max_eval_samples", "max_test_samples", "eval_batch_size",
+                        "output_rationale"}),
+    (LoggingConfig, {"logging_steps", "report_to", "no_log", "verbose", "experiment"}),
+])
+def test_each_group_holds_its_flags(cls, names):
+    assert names <= {f.name for f in fields(cls)}
+    assert cls.__doc__ and cls._argument_group_name
+
+
+def test_group_gives_a_configs_values_typed_and_flat_access_is_unchanged(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = parse_args(["--dataset", "cqa_tree1", "--subsample", "0.5", "--max_input_length", "64", "--lr", "1e-4",
+                      "--run", "3", "--save_steps", "7", "--gen_max_len", "9", "--logging_steps", "2",
+                      "--tokenizer", "tok"])
+    data = group(cfg, DataConfig)
+    assert type(data) is DataConfig
+    assert (data.dataset, data.subsample, data.max_input_length) == ("cqa_tree1", 0.5, 64)
+    assert not hasattr(data, "lr")
+    assert (group(cfg, OptimConfig).lr, group(cfg, OptimConfig).run) == (1e-4, 3) == (cfg.lr, cfg.run)
+    assert group(cfg, ModelConfig).tokenizer == "tok"
+    assert group(cfg, CheckpointConfig).save_steps == 7 and group(cfg, EvaluationConfig).gen_max_len == 9
+    assert group(cfg, LoggingConfig).logging_steps == 2
+    data.dataset = "svamp"  # a copy
+    assert cfg.dataset == "cqa_tree1"
+    assert set(asdict(cfg)) == {f.name for f in fields(TrainConfig)}  # config.json stays flat
+
+
+def test_help_shows_one_section_per_group(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    sections = [line[:-1] for line in text.splitlines() if line.endswith(":") and not line.startswith(" ")]
+    assert sections[-6:] == ["data", "model", "optimisation", "checkpointing", "evaluation", "logging"]
+    for cls in GROUPS:  # each flag under its group's title
+        part = text.split(f"\n{cls._argument_group_name}:\n")[1].split("\n\n")[0]
+        for f in fields(cls):
+            assert f"--{f.name}" in part, (cls.__name__, f.name)
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_a_config_file_of_flat_keys_parses(suffix, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    values = {"dataset": "cqa_tree1", "lr": 0.001, "batch_size": 4, "save_steps": 5, "gen_max_len": 8,
+              "report_to": "none", "random_init": True, "llm": "teacher"}
+    path = tmp_path / f"c{suffix}"
+    path.write_text(json.dumps(values))  # JSON is YAML too
+    cfg = parse_args([str(path)])
+    assert {k: getattr(cfg, k) for k in values} == values
+    assert cfg.output_dir.endswith("cqa_tree1/task_prefix_tree1/tiny/gt_b1_a0.5_s0")
+
+
+def test_a_run_config_json_parses_back():
+    """config.json holds every flag, flat: read back it gives the same config (the flat keys of old runs)."""
+    cfg = TrainConfig(lr=0.01, dataset="cqa_tree1", output_dir="x")
+    assert TrainConfig(**json.loads(json.dumps(asdict(cfg)))) == cfg
+
+
+@pytest.mark.parametrize("suffix", [".json", ".yaml"])
+def test_an_unknown_key_in_a_config_file_is_an_error(suffix, tmp_path, capsys):
+    path = tmp_path / f"c{suffix}"
+    path.write_text(json.dumps({"lr": 0.01, "learning_rate": 0.01}))
+    assert train_main([str(path)]) == 2
+    assert "Some keys are not used by the HfArgumentParser: ['learning_rate']" in capsys.readouterr().err
+
+
+def test_flags_kept_for_compatibility_are_accepted_and_say_so(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert set(COMPAT_FLAGS) == {"llm", "prompt", "local_rank", "parallelize", "optimizer_name"}
+    assert set(COMPAT_FLAGS) <= set(ORIGINAL_FLAGS)
+    cfg = parse_args(["--llm", "other", "--prompt", "--local_rank", "0", "--optimizer_name", "adamw"])
+    assert (cfg.llm, cfg.prompt, cfg.local_rank) == ("other", True, 0)
+    helps = {f.name: f.metadata["help"] for f in fields(TrainConfig)}
+    marked = {name for name, text in helps.items() if "Accepted for compatibility" in text}
+    assert marked == set(COMPAT_FLAGS)
+    readme = (REPO / "README.md").read_text()
+    assert ", ".join(f"`--{name}`" for name in COMPAT_FLAGS) in readme
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,10 @@ manifest by a key over the data files' names, sizes and modification times, the 
 and the tokenizer, and memory-maps the Arrow files: no rank parses JSON or holds a Python copy of the rows,
 and the ranks of one node share the mapped pages.
 
+The flags that shape the rows are the ``DataConfig`` fields marked ``rows`` (and the seed ``--run``), those
+that shape their tokens the ones marked ``tokens``: the build is given exactly what the key is made of
+(:func:`row_args`, :func:`token_args`), so no flag can change the tables without changing the key.
+
 On several nodes the cache may be shared (one folder every node sees) or node-local (``~/.cache`` on each
 node's own disk): global rank 0 builds first, and with it the first process of each node that does not see
 rank 0's folder, each into its own cache; every other process waits, then maps (:func:`builders_first`). A
@@ -28,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from mindmirror.atomic import write_atomic
+from mindmirror.config import DataConfig, group, marked
 from mindmirror.data.registry import BUNDLED_DATA_DIR, DATASETS, ROW_RULES, BuildReport, build_task_rows
 from mindmirror.data.tokenize import default_cache_dir, tokenize_rows, tokenizer_fingerprint
 
@@ -37,6 +42,8 @@ PARALLEL_FROM_ROWS = 20_000  # below this, starting tokenizer worker processes c
 # Test-only fault injection (nothing else sets it): a build takes this many seconds longer (a cold build of
 # millions of rows), so that the other ranks wait for it in a collective.
 FAULT_SLOW_BUILD_S = "MINDMIRROR_FAULT_SLOW_BUILD_S"
+ROW_FLAGS = marked("rows")  # DataConfig's flags that build_task_rows is given
+TOKEN_FLAGS = marked("tokens")  # and those tokenize_rows is given
 log = logging.getLogger(__name__)
 
 
@@ -46,14 +53,28 @@ def _files_fingerprint(folder: Path) -> list:
             for p in sorted(folder.rglob("*")) if p.is_file()]
 
 
+def row_args(cfg) -> dict:
+    """What ``build_task_rows`` is given: the ``DataConfig`` flags marked ``rows`` (the data folder as a path:
+    empty is the bundled data) and the seed ``--run``, which subsamples."""
+    data = group(cfg, DataConfig)
+    args = {name: getattr(data, name) for name in ROW_FLAGS}
+    args["data_dir"] = str(Path(data.data_dir) if data.data_dir else BUNDLED_DATA_DIR)
+    return args | {"seed": cfg.run}
+
+
+def token_args(cfg) -> dict:
+    """What ``tokenize_rows`` is given besides the rows and the tokenizer: the ``DataConfig`` flags marked
+    ``tokens`` (whether rationales are tokenized follows ``--model_type``, a row flag)."""
+    data = group(cfg, DataConfig)
+    return {name: getattr(data, name) for name in TOKEN_FLAGS}
+
+
 def build_key(cfg, tokenizer) -> str:
     """The cache key of a run's tables: data files, the flags that shape the rows, the tokenizer, the lengths."""
-    data_dir = Path(cfg.data_dir) if cfg.data_dir else BUNDLED_DATA_DIR
-    fields = {k: getattr(cfg, k) for k in ("dataset", "model_type", "label_type", "num_train_branches",
-                                           "valid_fraction", "subsample", "run", "skip_bad_records", "strict_data",
-                                           "max_bad_fraction", "max_input_length", "max_target_length")}
-    h = hashlib.sha256(json.dumps([MANIFEST_VERSION, ROW_RULES, str(data_dir.resolve()), fields, tokenizer.eos_token,
-                                   tokenizer_fingerprint(tokenizer),
+    rows = row_args(cfg)
+    data_dir = Path(rows["data_dir"])
+    h = hashlib.sha256(json.dumps([MANIFEST_VERSION, ROW_RULES, str(data_dir.resolve()), rows, token_args(cfg),
+                                   tokenizer.eos_token, tokenizer_fingerprint(tokenizer),
                                    _files_fingerprint(data_dir / DATASETS[cfg.dataset].name)]).encode())
     return h.hexdigest()[:24]
 
@@ -73,16 +94,11 @@ def _build(cfg, tokenizer, splits, cache_dir: Path, manifest_path: Path, known: 
     rename of the manifest that later loads map."""
     time.sleep(float(os.environ.get(FAULT_SLOW_BUILD_S, "0")))
     own = cache_dir / f"{manifest_path.stem}-{uuid.uuid4().hex[:12]}"  # no other builder writes here
-    rows, report = build_task_rows(cfg.dataset, cfg.data_dir or None, model_type=cfg.model_type,
-                                   label_type=cfg.label_type, num_train_branches=cfg.num_train_branches,
-                                   valid_fraction=cfg.valid_fraction, subsample=cfg.subsample, seed=cfg.run,
-                                   skip_bad_records=cfg.skip_bad_records, strict_data=cfg.strict_data,
-                                   max_bad_fraction=cfg.max_bad_fraction, eos_token=tokenizer.eos_token)
+    rows, report = build_task_rows(**row_args(cfg), eos_token=tokenizer.eos_token)
     workers = cfg.preprocessing_num_workers or (min(8, os.cpu_count() or 1) if len(rows["train"]) >= PARALLEL_FROM_ROWS
                                                 else 1)
     tables = {split: tokenize_rows(rows[split], tokenizer, with_rationale=cfg.model_type != "standard",
-                                   max_input_length=cfg.max_input_length, max_target_length=cfg.max_target_length,
-                                   cache_dir=own, num_proc=workers if split == "train" else 1)
+                                   **token_args(cfg), cache_dir=own, num_proc=workers if split == "train" else 1)
               for split in splits}
     files = known | {s: [f["filename"] for f in t.cache_files] for s, t in tables.items()}
     manifest = {"report": report.to_dict(), "files": files}

@@ -77,16 +77,13 @@ def padding_fractions(table, global_batch: int, seed: int) -> dict[str, float]:
 
 
 def run_mindmirror(args, extra: list[str], workdir: Path) -> dict:
-    from transformers import HfArgumentParser
-
-    from mindmirror.config import TrainConfig
+    from mindmirror.config import parse_args
     from mindmirror.core import step
     from mindmirror.core.loop import Trainer, train
     from mindmirror.core.objective import DistillationObjective
 
     flags = common_trainer_args(args) + ["--output_dir", str(workdir / "out")] + extra
-    (cfg,) = HfArgumentParser(TrainConfig).parse_args_into_dataclasses(flags)
-    cfg.validate()
+    cfg = parse_args(flags)
     t0 = time.time()
     with StepClock() as clock:
         clock.wrap(Trainer, "collate_step", "data")  # the step's rows read and collated
@@ -264,13 +261,11 @@ def split_table(split: dict[str, dict[str, float]]) -> str:
 
 def train_table(args):
     """The trainer config both sides share, the tokenizer, and the tokenized training rows."""
-    from transformers import HfArgumentParser
-
-    from mindmirror.config import TrainConfig
+    from mindmirror.config import read_args
     from mindmirror.data.loader import load_data
     from mindmirror.model import load_tokenizer
 
-    (cfg,) = HfArgumentParser(TrainConfig).parse_args_into_dataclasses(common_trainer_args(args))
+    cfg = read_args(common_trainer_args(args))
     tokenizer = load_tokenizer(cfg.tokenizer, cfg.from_pretrained, cfg.random_init)
     return cfg, tokenizer, load_data(cfg, tokenizer, splits=("train",))[0]["train"]
 
