@@ -137,15 +137,15 @@ def load_model(from_pretrained: str, tokenizer, random_init: bool = False, init_
     """The student model: built from a shipped config, or loaded from ``init_from`` / the Hub / a folder.
 
     ``vocab_size`` (built models only) sets the embedding rows; 0 sizes them to the tokenizer.
-    ``speedups`` swaps in the fused GELU and norm and the fast CPU dropout (same functions, less time).
+    ``speedups`` swaps in the fused GELU and norm, the fast CPU dropout and attention (same functions, less time).
     ``partitioned`` builds a model from a shipped config under ``deepspeed.zero.Init`` where a ZeRO-3
     config is registered (Accelerate registers it under ZeRO-3): every rank allocates only its shard,
     and the T5 initialisation runs on each module's gathered parameters, the same distribution as a
     whole build but another random stream. Loaded weights are partitioned by transformers itself."""
     def faster(model):
-        from mindmirror.speedups import fast_dropout, fused_gelu, fused_rms_norm
+        from mindmirror.speedups import fast_attention, fast_dropout, fused_gelu, fused_rms_norm
 
-        return fast_dropout(fused_gelu(fused_rms_norm(model))) if speedups else model
+        return fast_attention(fast_dropout(fused_gelu(fused_rms_norm(model)))) if speedups else model
 
     import torch
     from transformers import T5ForConditionalGeneration

@@ -13,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import GELUTanh, NewGELUActivation
+from transformers.integrations.sdpa_attention import create_position_bias_mask, sdpa_attention_forward
 from transformers.models.t5.modeling_t5 import T5LayerNorm
+
+ATTENTION = "mindmirror_sdpa"  # the attention implementation fast_attention registers and selects
 
 
 def fused_gelu(model):
@@ -79,6 +82,45 @@ def fast_dropout(model):
         for name, child in module.named_children():
             if type(child) is nn.Dropout:
                 setattr(module, name, Dropout(child.p, child.inplace))
+    return model
+
+
+def attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, position_bias=None,
+              is_causal=None, **kwargs):
+    """transformers' ``sdpa`` attention, except when a T5 attention trains on CPU with dropout: there the same
+    function as torch's math kernel (the position bias and the mask added to the scores, softmax, dropout, the
+    values) in fewer passes. The math kernel scales the queries and keys by the square root of a scale of 1,
+    checks every row for all-masked scores (none is: the mask holds the dtype's minimum, not -inf) and draws its
+    dropout with ``bernoulli_`` into a float tensor that it divides and multiplies; here the mask is added in place
+    to the scores and the dropout is :class:`Dropout`'s (:func:`keep_mask`, :class:`MaskedScale`). Without dropout
+    the output and gradients equal the kernel's to the bit in our checks. Elsewhere (evaluation, GPU) it is
+    ``sdpa_attention_forward`` itself."""
+    if not (module.training and dropout > 0 and query.device.type == "cpu" and position_bias is not None) \
+            or getattr(module, "num_key_value_groups", 1) > 1 or kwargs.get("output_attentions"):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      position_bias=position_bias, is_causal=is_causal, **kwargs)
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = query.shape[2] > 1 and attention_mask is None and is_causal  # as sdpa_attention_forward decides
+    scores = torch.matmul(query, key.transpose(2, 3))
+    if scaling is not None and scaling != 1.0:
+        scores = scores.mul_(scaling)
+    scores = scores.add_(create_position_bias_mask(position_bias, attention_mask, is_causal, query, key))
+    probs = torch.softmax(scores, dim=-1)
+    probs = MaskedScale.apply(probs, keep_mask(probs.shape, dropout), 1 / (1 - dropout))
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), None
+
+
+def fast_attention(model):
+    """Select :func:`attention` for a model that uses ``sdpa`` (registered with transformers under
+    :data:`ATTENTION`, with sdpa's masks; the choice is not saved with the model's config)."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return model
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(ATTENTION, attention)
+    AttentionMaskInterface.register(ATTENTION, sdpa_mask)
+    model.set_attn_implementation(ATTENTION)
     return model
 
 

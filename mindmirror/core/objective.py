@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mindmirror.model import IGNORE
-from mindmirror.speedups import token_cross_entropy
+from mindmirror.speedups import ATTENTION, token_cross_entropy
 
 
 def find_target_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -30,7 +30,7 @@ def prepared_mask(attention_mask: torch.Tensor, config) -> torch.Tensor:
     ``masking_utils``), to leave the mask out when none is: a device-to-host read in every encoder and every
     cross-attention. T5 adds its position bias to the mask either way (``torch.where(mask, bias, min)``), so the
     attention computes the same. Other attention implementations get the 2-D mask."""
-    if getattr(config, "_attn_implementation", None) != "sdpa":
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", ATTENTION):
         return attention_mask
     return attention_mask[:, None, None, :].bool()
 
