@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,3 +89,76 @@ def deepspeed_json(tmp_path):
         path.write_text(json.dumps(config))
         return path
     return make
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume (test_elastic.py, test_checkpoint.py). Every run has the global batch 8 (one process x 8, or two x 4),
+# so an uninterrupted one-process run is the reference for every layout: the global step batches make the data
+# order the same in all of them. Tolerance on losses: 2e-5, as between uninterrupted layouts (fp32 summation
+# order); elastic resume moves the exact fp32 weights and Adam moments, so it adds nothing to that. The saved runs
+# are built once a session, for both files; the tests resume copies of them (copy_of).
+
+STEPS = ["--max_steps", "6", "--eval_steps", "3"]
+TOL = 2e-5
+KILL_AT_4 = {"MINDMIRROR_FAULT_KILL_AT_STEP": "4"}  # every rank dies as step 4 starts: step 3 is saved
+
+
+def one(extra=()):
+    return FAST + STEPS + ["--batch_size", "8", *extra]
+
+
+def two(extra=()):
+    return FAST + STEPS + ["--batch_size", "4", *extra]
+
+
+# test_trainer.py has a baseline of its own (the same run, its folder), which its tests get instead.
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory):
+    """One process, no DeepSpeed, six steps without a stop: the reference losses of every layout."""
+    tmp = tmp_path_factory.mktemp("baseline")
+    run_train(tmp, one(["--output_dir", str(tmp / "out")]))
+    return train_losses(tmp / "out")
+
+
+@pytest.fixture(scope="session")
+def zero2_saved(tmp_path_factory):
+    """Two processes under ZeRO-2, checkpoints at steps 2 and 3, killed as step 4 starts."""
+    tmp = tmp_path_factory.mktemp("zero2")
+    config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())  # as the deepspeed_json fixture does
+    config["bf16"] = {"enabled": False}
+    (tmp / "zero2.json").write_text(json.dumps(config))
+    killed = run_train(tmp, two(["--save_steps", "1", "--output_dir", str(tmp / "out")]), nproc=2,
+                       deepspeed_json=tmp / "zero2.json", env=KILL_AT_4, check=False)
+    assert killed.returncode != 0
+    assert sorted(p.name for p in (tmp / "out" / "checkpoints").iterdir()) == ["step_2", "step_3"]
+    return tmp / "out"
+
+
+@pytest.fixture(scope="session")
+def plain_saved(tmp_path_factory):
+    """One process without DeepSpeed, a checkpoint at step 3 and best/ from its evaluation, killed at step 4."""
+    tmp = tmp_path_factory.mktemp("plain")
+    killed = run_train(tmp, one(["--save_steps", "3", "--output_dir", str(tmp / "out")]), env=KILL_AT_4,
+                       check=False)
+    assert killed.returncode != 0 and (tmp / "out" / "best").is_dir()
+    return tmp / "out"
+
+
+def copy_of(saved, tmp_path):
+    shutil.copytree(saved, tmp_path / "out")
+    return tmp_path / "out"
+
+
+def losses_by_step(out):
+    """The loss of each step; a step run again after a resume counts with its latest value."""
+    return {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}
+
+
+def assert_finished_like_baseline(out, baseline, proc, resumed_from: int):
+    output = proc.stdout + proc.stderr
+    assert f"resumed from step {resumed_from} " in output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_step"] == 6
+    losses = losses_by_step(out)
+    assert [losses[s] for s in range(1, 7)] == pytest.approx(baseline, abs=TOL)
+    return summary

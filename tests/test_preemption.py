@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow
 # Global batch 8 everywhere (one process x 8, two x 4, four x 2): one uninterrupted process is the reference.
 ARGS = FAST + ["--max_steps", "24", "--eval_steps", "4", "--max_eval_samples", "48"]
 SLOW_SAVE = {"MINDMIRROR_FAULT_SLOW_SAVE_S": "20"}
-TOL = 2e-5  # between process counts (fp32 summation order), as in test_resume.py
+TOL = 2e-5  # between process counts (fp32 summation order), as in the resume tests (conftest.py)
 
 
 @pytest.fixture(scope="module")

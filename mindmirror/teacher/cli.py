@@ -99,21 +99,33 @@ class _Help(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``run`` and ``merge`` subcommands and their flags."""
-    fmt = _Help
-    parser = argparse.ArgumentParser(prog=PROG, formatter_class=fmt,
+    parser = argparse.ArgumentParser(prog=PROG, formatter_class=_Help,
                                      description="Generate tree-of-thought teacher data (CoTs and self-evaluations) "
                                                  "from an OpenAI-compatible LLM, in the layout the trainer reads.",
                                      epilog="Run 'mindmirror-teacher run --help' for the flags of a run.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="{run,merge}")
+    _add_run(sub)
+    _add_merge(sub)
+    return parser
 
-    run = sub.add_parser("run", formatter_class=fmt, help="query the teacher and write the data (or one shard)",
+
+def _add_run(sub) -> None:
+    """``run`` and its flags, group by group."""
+    run = sub.add_parser("run", formatter_class=_Help, help="query the teacher and write the data (or one shard)",
                          description="Query an OpenAI-compatible chat-completions endpoint for tree-of-thought CoTs "
                                      "and self-evaluations of a dataset's questions, and write the tree1/tree2 data.",
                          epilog="Exit codes: 0 every question has all its CoTs; 3 finished, but questions failed or "
                                 "have fewer usable CoTs than asked (listed in the data card; the rest is written); "
                                 "1 stopped (--max_failures, --max_unusable_share); 2 a user error or an endpoint "
                                 "that cannot serve the run; 130 interrupted. See docs/teacher.md.")
-    data = run.add_argument_group("data")
+    _add_data_flags(run.add_argument_group("data"))
+    _add_teacher_flags(run.add_argument_group("teacher"))
+    _add_limit_flags(run.add_argument_group("throughput and failures"))
+    _add_cost_flags(run.add_argument_group("cost and progress"))
+
+
+def _add_data_flags(data) -> None:
+    """``run``'s data flags: where the questions come from, where the data goes, which block of it."""
     data.add_argument("--dataset", required=True,
                       help="where the questions come from: svamp, cqa, anli1 (DSS layout) or svamp_tree1, cqa_tree1, "
                            "anli1_tree1 (prepared jsonl); the output is <family>_tree1 and <family>_tree2")
@@ -129,7 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--shard", default="0/1", help="i/n: answer block i of n of every split (job arrays); "
                                                      "then run 'merge'. 0/1 writes the data directly")
 
-    teacher = run.add_argument_group("teacher")
+
+def _add_teacher_flags(teacher) -> None:
+    """``run``'s teacher flags: the endpoint, the model and what each request asks of it."""
     teacher.add_argument("--model", required=True, help="model name sent to the server")
     teacher.add_argument("--base_url", default=os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1",
                          help="OpenAI-compatible API root, e.g. http://node17:8000/v1 for vLLM; $OPENAI_BASE_URL "
@@ -170,7 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="YAML file with 'sample' and 'value' templates (and optional 'system'); empty: the "
                               "shipped prompts of the dataset's family")
 
-    limits = run.add_argument_group("throughput and failures")
+
+def _add_limit_flags(limits) -> None:
+    """``run``'s throughput and failure flags: concurrency, rate limits, timeouts, retries, when to stop."""
     limits.add_argument("--max_concurrency", type=_positive(int), default=16, help="requests in flight")
     limits.add_argument("--rpm", type=_non_negative(float), default=0, help="requests per minute; 0: no limit")
     limits.add_argument("--tpm", type=_non_negative(float), default=0,
@@ -195,7 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop when more than this share of the run's replies are unusable (checked from the "
                              "50th reply on): a --max_tokens or prompt that does not fit the model")
 
-    cost = run.add_argument_group("cost and progress")
+
+def _add_cost_flags(cost) -> None:
+    """``run``'s cost and progress flags."""
     cost.add_argument("--prompt_price", type=_non_negative(float), default=0.0,
                       help="price per 1K prompt tokens (the paper's gpt-3.5-turbo: 0.0015)")
     cost.add_argument("--completion_price", type=_non_negative(float), default=0.0,
@@ -207,7 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="tokens a completion is expected to take, for --dry_run's estimate")
     cost.add_argument("--no_progress", action="store_true", help="no progress bar")
 
-    merge = sub.add_parser("merge", formatter_class=fmt, help="write the data from the part files of all shards",
+
+def _add_merge(sub) -> None:
+    """``merge`` and its flags."""
+    merge = sub.add_parser("merge", formatter_class=_Help, help="write the data from the part files of all shards",
                            description="Join the shards' part files of each split into the tree1/tree2 data and "
                                        "the data card.")
     merge.add_argument("--dataset", required=True, help="as given to the shards")
@@ -215,7 +236,6 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--splits", type=_splits, default=None, help="comma-separated; default: every split with parts")
     merge.add_argument("--shards", type=_non_negative(int), default=0,
                        help="number of shards n; 0: the one n that part files exist for")
-    return parser
 
 
 def _settings(args, prompts) -> dict:
@@ -332,28 +352,13 @@ def _outcome(tally: dict, settings: dict, where: str) -> int:
 def run(args) -> int:
     """``mindmirror-teacher run``."""
     spec = layout.source_spec(args.dataset)
-    family = spec.family
-    data_dir = Path(args.data_dir) if args.data_dir else registry.BUNDLED_DATA_DIR
-    out = Path(args.output_dir)
-    if out.resolve() == registry.BUNDLED_DATA_DIR.resolve():
-        raise ValueError("--output_dir is mindmirror's bundled data folder: choose a folder of your own")
-    splits = args.splits or list(layout.dataset_splits(spec))
-    unknown = [s for s in splits if s not in layout.dataset_splits(spec)]
-    if unknown:
-        raise ValueError(f"--splits: {args.dataset} has no split {unknown[0]!r}; it has {layout.dataset_splits(spec)}")
+    family, out = spec.family, Path(args.output_dir)
+    splits = _run_splits(args, spec, out)
     shard = layout.parse_shard(args.shard)
     check_base_url(args.base_url)
     prompts = load_prompts(family, args.prompt_file or None)
     settings = _settings(args, prompts)
-    questions, sizes = {}, {}
-    for split in splits:
-        qs = layout.read_questions(spec, data_dir, split)
-        qs = qs[: args.max_questions] if args.max_questions else qs
-        sizes[split] = len(qs)
-        start, end = layout.shard_range(len(qs), shard)
-        questions[split] = qs[start:end]
-        for q in questions[split]:  # a template or question that cannot be rendered fails now, not mid-run
-            prompts.sample_messages(q.input, family)
+    questions, sizes = _read_questions(args, spec, splits, shard, prompts)
     sampling = Sampling(args.model, args.n_generate_sample, args.n_evaluate_sample, args.temperature,
                         args.max_tokens, args.top_p, args.n_per_request, args.max_redraws, settings["stop"],
                         settings["extra_body"])
@@ -363,27 +368,76 @@ def run(args) -> int:
         _dry_run(args, Teacher(None, store, prompts, family, sampling, args.max_unusable_share), questions, shard)
         return 0
 
-    api_key = os.environ.get(args.api_key_env) or None
-    if api_key is None:
-        print(f"{PROG}: ${args.api_key_env} is not set: sending requests without an API key", file=sys.stderr)
+    api_key = _api_key(args)
     store = ResponseStore(layout.work_dir(out, family), store_name)
     try:
         print(f"{PROG}: {args.dataset} -> {out} with {args.model} at {public_url(args.base_url)}; "
               f"{len(store)} responses in the store", file=sys.stderr)
 
         async def generate_all():
-            client = ChatClient(args.base_url, api_key, max_concurrency=args.max_concurrency,
-                                timeout=args.request_timeout,
-                                retry=RetryPolicy(args.max_retries, args.retry_base_delay, args.retry_max_delay),
-                                limiter=RateLimiter(args.rpm, args.tpm), token_param=args.token_param,
-                                hedge_after=args.hedge_after)
-            teacher = Teacher(client, store, prompts, family, sampling, args.max_unusable_share)
+            teacher = Teacher(_client(args, api_key), store, prompts, family, sampling, args.max_unusable_share)
             rows = await _generate(args, teacher, questions, sizes, shard, settings, out, family)
-            return client.stats, teacher.counts, rows
+            return teacher.client.stats, teacher.counts, rows
 
         stats, counts, rows = asyncio.run(generate_all())
     finally:
         store.close()
+    _print_totals(args, stats, counts)
+    if shard[1] > 1:
+        code = _outcome(incomplete(rows, args.n_generate_sample, args.n_evaluate_sample), settings,
+                        f"the part files in {layout.work_dir(out, family)}")
+        print(f"{PROG}: shard {shard[0]}/{shard[1]} done; once all {shard[1]} are, run: {PROG} merge --dataset "
+              f"{args.dataset} --output_dir {out}", file=sys.stderr)
+        return code
+    return _write_data(out, family, splits, 1)
+
+
+def _run_splits(args, spec, out: Path) -> list[str]:
+    """The splits ``run`` answers, once ``--output_dir`` and ``--splits`` are checked."""
+    if out.resolve() == registry.BUNDLED_DATA_DIR.resolve():
+        raise ValueError("--output_dir is mindmirror's bundled data folder: choose a folder of your own")
+    splits = args.splits or list(layout.dataset_splits(spec))
+    unknown = [s for s in splits if s not in layout.dataset_splits(spec)]
+    if unknown:
+        raise ValueError(f"--splits: {args.dataset} has no split {unknown[0]!r}; it has {layout.dataset_splits(spec)}")
+    return splits
+
+
+def _read_questions(args, spec, splits: list[str], shard: tuple[int, int], prompts) -> tuple[dict, dict]:
+    """This shard's questions of each split, and each split's size before sharding; every question's prompt is
+    rendered once, so that a template or question that cannot be rendered fails now, not mid-run."""
+    data_dir = Path(args.data_dir) if args.data_dir else registry.BUNDLED_DATA_DIR
+    questions, sizes = {}, {}
+    for split in splits:
+        qs = layout.read_questions(spec, data_dir, split)
+        qs = qs[: args.max_questions] if args.max_questions else qs
+        sizes[split] = len(qs)
+        start, end = layout.shard_range(len(qs), shard)
+        questions[split] = qs[start:end]
+        for q in questions[split]:
+            prompts.sample_messages(q.input, spec.family)
+    return questions, sizes
+
+
+def _api_key(args) -> str | None:
+    """The API key in the environment variable that ``--api_key_env`` names, or None (said on stderr): the
+    requests then go without one."""
+    api_key = os.environ.get(args.api_key_env) or None
+    if api_key is None:
+        print(f"{PROG}: ${args.api_key_env} is not set: sending requests without an API key", file=sys.stderr)
+    return api_key
+
+
+def _client(args, api_key: str | None) -> ChatClient:
+    """The chat-completions client of the run's flags (made inside the run's event loop)."""
+    return ChatClient(args.base_url, api_key, max_concurrency=args.max_concurrency, timeout=args.request_timeout,
+                      retry=RetryPolicy(args.max_retries, args.retry_base_delay, args.retry_max_delay),
+                      limiter=RateLimiter(args.rpm, args.tpm), token_param=args.token_param,
+                      hedge_after=args.hedge_after)
+
+
+def _print_totals(args, stats, counts: dict) -> None:
+    """The end-of-run line: requests, replies, unusable ones and tokens."""
     problems = ", ".join(f"{k} {v}" for k, v in sorted(stats.problems.items())) or "none"
     hedges = f" ({stats.hedged} of them hedges of slow requests, {stats.hedges_first} answered first)" \
         if stats.hedged else ""
@@ -392,13 +446,6 @@ def run(args) -> int:
           f"{counts['cut'] + counts['unparsable']} of them unusable and left out ({counts['cut']} cut at --max_tokens "
           f"{args.max_tokens}, {counts['unparsable']} without the answer or verdict the parsers need); "
           f"{stats.prompt_tokens:,} prompt and {stats.completion_tokens:,} completion tokens", file=sys.stderr)
-    if shard[1] > 1:
-        code = _outcome(incomplete(rows, args.n_generate_sample, args.n_evaluate_sample), settings,
-                        f"the part files in {layout.work_dir(out, family)}")
-        print(f"{PROG}: shard {shard[0]}/{shard[1]} done; once all {shard[1]} are, run: {PROG} merge --dataset "
-              f"{args.dataset} --output_dir {out}", file=sys.stderr)
-        return code
-    return _write_data(out, family, splits, 1)
 
 
 def merge(args) -> int:

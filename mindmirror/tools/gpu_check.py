@@ -162,21 +162,12 @@ def plan(args) -> int:
     from mindmirror.tools.estimate import parameter_count
 
     parameters = parameter_count(config)
-
     disk = DISK_BYTES_PER_PARAM[precision] * parameters
-    free = shutil.disk_usage(scratch).free
-    if disk > args.max_disk_gb * 1e9 or disk > 0.9 * free:
-        sys.stderr.write(f"gpu_check: {args.model} ({parameters / 1e6:.0f}M parameters) would need about "
-                         f"{disk / 1e9:.1f} GB for one run's checkpoint and exports (the trainer always writes both), "
-                         f"more than MAX_DISK_GB={args.max_disk_gb:g} or 90% of the {free / 1e9:.0f} GB free under "
-                         f"{scratch}: choose a smaller MODEL or raise MAX_DISK_GB on a larger disk\n")
+    if not _disk_fits(args, parameters, disk, scratch):
         return 2
 
     multiple = 8 if cuda else 1  # the collator pads to a multiple of 8 on GPU
-    # Label lengths from a sample of the problems' equations (short: the rationale carries the long target).
-    probe = long_problems(64, 0, 1, 1, seed=args.seed)["train"]
-    label_len = min(args.target_len, _label_lengths(tokenizer, [p.equation for p in probe]) + 2)
-    label_len = -(-label_len // multiple) * multiple
+    label_len = _label_len(args, tokenizer, multiple)
     lengths = (args.input_len, label_len, args.target_len)
     device_name, device_bytes = "cpu", None
     if cuda:
@@ -187,12 +178,7 @@ def plan(args) -> int:
     n_train = args.steps * batch + batch + args.eval_rows  # one spare batch: the carve-out may round up
     problems = long_problems(n_train, args.test_rows, args.input_len, args.target_len, seed=args.seed)
     data = write_data(scratch / "data", problems)
-    sample = problems["train"][:16]
-    input_tokens = min(len(tokenizer("predict: " + p.input).input_ids) for p in sample)
-    rationale_tokens = min(len(tokenizer(p.cots[0]).input_ids) for p in sample)
-    if input_tokens < args.input_len or rationale_tokens < args.target_len:
-        sys.stderr.write(f"gpu_check: the generated rows are too short ({input_tokens} input and {rationale_tokens} "
-                         f"rationale tokens, wanted {args.input_len} and {args.target_len})\n")
+    if not _rows_long_enough(args, tokenizer, problems["train"][:16]):
         return 2
 
     ds = {"zero2": "ds_configs/zero2.json", "zero3": "ds_configs/zero3.json"}
@@ -210,22 +196,63 @@ def plan(args) -> int:
     env = {"BATCH": batch, "DATA_DIR": data, "VALID_FRACTION": f"{args.eval_rows / n_train:.8f}",
            "ZERO2_JSON": ds["zero2"], "ZERO3_JSON": ds["zero3"]}
     (scratch / "plan.env").write_text("".join(f"{k}={shlex.quote(str(v))}\n" for k, v in env.items()))
+    _print_plan(args, record)
+    return 0
 
+
+def _disk_fits(args, parameters: int, disk: int, scratch: Path) -> bool:
+    """Whether one run's checkpoint and exports (``disk`` bytes) fit ``--max_disk_gb`` and 90% of the free space
+    under ``scratch``; if not, says so on stderr."""
+    free = shutil.disk_usage(scratch).free
+    if disk > args.max_disk_gb * 1e9 or disk > 0.9 * free:
+        sys.stderr.write(f"gpu_check: {args.model} ({parameters / 1e6:.0f}M parameters) would need about "
+                         f"{disk / 1e9:.1f} GB for one run's checkpoint and exports (the trainer always writes both), "
+                         f"more than MAX_DISK_GB={args.max_disk_gb:g} or 90% of the {free / 1e9:.0f} GB free under "
+                         f"{scratch}: choose a smaller MODEL or raise MAX_DISK_GB on a larger disk\n")
+        return False
+    return True
+
+
+def _label_len(args, tokenizer, multiple: int) -> int:
+    """The answers' length in tokens, from a sample of the problems' equations (short: the rationale carries the
+    long target), at most ``--target_len``, rounded up to ``multiple``."""
+    probe = long_problems(64, 0, 1, 1, seed=args.seed)["train"]
+    label_len = min(args.target_len, _label_lengths(tokenizer, [p.equation for p in probe]) + 2)
+    return -(-label_len // multiple) * multiple
+
+
+def _rows_long_enough(args, tokenizer, sample: list) -> bool:
+    """Whether every row of ``sample`` is longer than ``--input_len`` and ``--target_len`` tokens, so that truncation
+    makes it exactly that long; if not, says so on stderr."""
+    input_tokens = min(len(tokenizer("predict: " + p.input).input_ids) for p in sample)
+    rationale_tokens = min(len(tokenizer(p.cots[0]).input_ids) for p in sample)
+    if input_tokens < args.input_len or rationale_tokens < args.target_len:
+        sys.stderr.write(f"gpu_check: the generated rows are too short ({input_tokens} input and {rationale_tokens} "
+                         f"rationale tokens, wanted {args.input_len} and {args.target_len})\n")
+        return False
+    return True
+
+
+def _print_plan(args, record: dict) -> None:
+    """The plan's lines above the rows: the device and library versions, the model, batch and lengths, the
+    planner's figures, then the table's header."""
     from importlib.metadata import version
 
+    device_name, device_bytes, cuda = record["device"], record["device_bytes"], record["cuda"]
+    parameters, disk, figures = record["parameters"], record["disk_bytes"], record["planned_bytes"]
     print(f"gpu_check: {device_name}" + (f", {device_bytes / GIB:.1f} GiB" if device_bytes else "") + "; " +
           ", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "accelerate", "deepspeed")))
-    print(f"gpu_check: {args.model} ({parameters / 1e6:.1f}M parameters, vocabulary {config.vocab_size}), {precision}, "
-          f"micro-batch {batch} questions ({'given' if args.batch else f'the planner at {args.fill:.0%} of the GPU'}"
+    print(f"gpu_check: {args.model} ({parameters / 1e6:.1f}M parameters, vocabulary {record['vocab_size']}), "
+          f"{record['precision']}, micro-batch {record['batch']} questions "
+          f"({'given' if args.batch else f'the planner at {args.fill:.0%} of the GPU'}"
           f"{'' if cuda else ', CPU'}), {args.steps} steps; rows of {args.input_len} input tokens, "
-          f"{label_len}-token answers, {args.target_len}-token rationales; {n_train} training questions; "
-          f"disk at most ~{disk / 1e9:.1f} GB at a time")
+          f"{record['label_len']}-token answers, {args.target_len}-token rationales; {record['train_questions']} "
+          f"training questions; disk at most ~{disk / 1e9:.1f} GB at a time")
     print("gpu_check: planner per GPU: " + ", ".join(f"{k} {v / GIB:.2f} GiB" for k, v in figures.items()
                                                       if k in LAYOUTS) +
           f"; a row's peak is the {'GPU memory allocated' if cuda else 'RSS'} above the pre-model baseline")
     print()
     print(HEADER)
-    return 0
 
 
 # ---------------------------------------------------------------------------------------------

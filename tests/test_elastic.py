@@ -1,71 +1,25 @@
-"""Resume never loses work, in real processes on CPU (gloo): elastic resume across process counts,
-ZeRO stages and DeepSpeed or not; one checkpoint agreed by all ranks; no training from scratch over
-an earlier run's checkpoints.
+"""Elastic resume (mindmirror/core/elastic.py) never loses work, in real processes on CPU (gloo): a checkpoint
+resumes across process counts, ZeRO stages and DeepSpeed or not, and every layout reads the same layout-free state
+from it (mindmirror/core/weights.py), whole or a ZeRO-3 rank's slice.
 
-Every run here has the global batch 8 (one process x 8, or two x 4), so an uninterrupted
-one-process run is the reference for every layout: the global step batches make the data order the
-same in all of them. Tolerance on losses: 2e-5, as between uninterrupted layouts (fp32 summation
-order); elastic resume moves the exact fp32 weights and Adam moments, so it adds nothing to that."""
+The reference run, the saved runs of ZeRO-2 and of one process, the global batch and the tolerance are
+conftest.py's, shared with test_checkpoint.py."""
 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
 
-from conftest import FAST, REPO, log_lines, read_metrics, run_train, train_losses
+from conftest import KILL_AT_4, REPO, assert_finished_like_baseline, copy_of, log_lines, one, run_train, two
 from mindmirror.config import TrainConfig
 
 pytestmark = pytest.mark.slow
-STEPS = ["--max_steps", "6", "--eval_steps", "3"]
-TOL = 2e-5
-KILL_AT_4 = {"MINDMIRROR_FAULT_KILL_AT_STEP": "4"}  # every rank dies as step 4 starts: step 3 is saved
-
-
-def one(extra=()):
-    return FAST + STEPS + ["--batch_size", "8", *extra]
-
-
-def two(extra=()):
-    return FAST + STEPS + ["--batch_size", "4", *extra]
 
 
 def zero3_json(deepspeed_json):
     return deepspeed_json("zero3", stage3_param_persistence_threshold=0)  # partition even the tiny model
-
-
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory):
-    """One process, no DeepSpeed, six steps without a stop: the reference losses of every layout."""
-    tmp = tmp_path_factory.mktemp("baseline")
-    run_train(tmp, one(["--output_dir", str(tmp / "out")]))
-    return train_losses(tmp / "out")
-
-
-@pytest.fixture(scope="module")
-def zero2_saved(tmp_path_factory):
-    """Two processes under ZeRO-2, checkpoints at steps 2 and 3, killed as step 4 starts."""
-    tmp = tmp_path_factory.mktemp("zero2")
-    config = json.loads((REPO / "ds_configs" / "zero2.json").read_text())  # as the deepspeed_json fixture does
-    config["bf16"] = {"enabled": False}
-    (tmp / "zero2.json").write_text(json.dumps(config))
-    killed = run_train(tmp, two(["--save_steps", "1", "--output_dir", str(tmp / "out")]), nproc=2,
-                       deepspeed_json=tmp / "zero2.json", env=KILL_AT_4, check=False)
-    assert killed.returncode != 0
-    assert sorted(p.name for p in (tmp / "out" / "checkpoints").iterdir()) == ["step_2", "step_3"]
-    return tmp / "out"
-
-
-@pytest.fixture(scope="module")
-def plain_saved(tmp_path_factory):
-    """One process without DeepSpeed, a checkpoint at step 3 and best/ from its evaluation, killed at step 4."""
-    tmp = tmp_path_factory.mktemp("plain")
-    killed = run_train(tmp, one(["--save_steps", "3", "--output_dir", str(tmp / "out")]), env=KILL_AT_4,
-                       check=False)
-    assert killed.returncode != 0 and (tmp / "out" / "best").is_dir()
-    return tmp / "out"
 
 
 @pytest.fixture(scope="module")
@@ -81,32 +35,6 @@ def zero3_saved(tmp_path_factory):
     assert killed.returncode != 0
     assert sorted(p.name for p in (tmp / "out" / "checkpoints").iterdir()) == ["step_3"]
     return tmp / "out"
-
-
-def copy_of(saved, tmp_path):
-    shutil.copytree(saved, tmp_path / "out")
-    return tmp_path / "out"
-
-
-def losses_by_step(out):
-    """The loss of each step; a step run again after a resume counts with its latest value."""
-    return {m["step"]: m["loss"] for m in read_metrics(out) if "loss" in m}
-
-
-def assert_finished_like_baseline(out, baseline, proc, resumed_from: int):
-    output = proc.stdout + proc.stderr
-    assert f"resumed from step {resumed_from} " in output
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["final_step"] == 6
-    losses = losses_by_step(out)
-    assert [losses[s] for s in range(1, 7)] == pytest.approx(baseline, abs=TOL)
-    return summary
-
-
-def files(out):
-    """Every file under checkpoints/ and best/, with its size."""
-    return {str(p.relative_to(out)): p.stat().st_size for d in ("checkpoints", "best") for p in (out / d).rglob("*")
-            if p.is_file()}
 
 
 @pytest.mark.parametrize("deepspeed", [True, False], ids=["zero2", "no-deepspeed"])
@@ -156,44 +84,6 @@ def test_two_process_zero3_checkpoint_resumes_under_one_process_zero3(zero3_save
     assert ("written by 2 processes, DeepSpeed ZeRO stage 3, fp32, continuing under 1 process, DeepSpeed ZeRO "
             "stage 3") in proc.stdout + proc.stderr
     assert_finished_like_baseline(out, baseline, proc, resumed_from=3)
-
-
-def test_a_load_failing_on_one_rank_moves_every_rank_to_the_previous_checkpoint(zero2_saved, baseline, tmp_path,
-                                                                                deepspeed_json):
-    out = copy_of(zero2_saved, tmp_path)
-    proc = run_train(tmp_path, two(["--output_dir", str(out), "--resume"]), nproc=2,
-                     deepspeed_json=deepspeed_json("zero2"), env={"MINDMIRROR_FAULT_LOAD_STEP": "3"})
-    output = proc.stdout + proc.stderr
-    assert "step_3 is not usable: failed to load (rank 1: RuntimeError: injected fault" in output
-    # Both ranks took step 2: under ZeRO-2 each rank updates its own slice of the weights, so a rank
-    # left on step 3 would show in every later loss and in the final weights.
-    assert_finished_like_baseline(out, baseline, proc, resumed_from=2)
-
-
-def test_a_resume_that_cannot_load_stops_and_keeps_every_file(zero2_saved, tmp_path, deepspeed_json):
-    out = copy_of(zero2_saved, tmp_path)
-    before = files(out)
-    # Another model (a larger vocabulary) cannot take these checkpoints: every one fails to load.
-    proc = run_train(tmp_path, two(["--output_dir", str(out), "--resume", "--vocab_size", "768"]), nproc=2,
-                     deepspeed_json=deepspeed_json("zero2"), check=False)
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("mindmirror: error: --resume: none of")]
-    assert len(errors) == 2, proc.stderr[-3000:]  # raised on every rank, as one line each
-    assert ("none of the 2 checkpoint(s)" in errors[0] and "The newest, step_3, was written by layout: 2 processes, "
-            "DeepSpeed ZeRO stage 2, fp32; this run's layout: 2 processes, DeepSpeed ZeRO stage 2, fp32" in errors[0])
-    assert "size mismatch" in errors[0] and "another --output_dir" in errors[0]
-    assert files(out) == before
-    assert not (out / "summary.json").exists()
-
-
-def test_a_run_without_resume_refuses_an_earlier_runs_folder(plain_saved, tmp_path):
-    out = copy_of(plain_saved, tmp_path)
-    before = files(out)
-    proc = run_train(tmp_path, one(["--output_dir", str(out)]), check=False)
-    assert proc.returncode != 0
-    assert "mindmirror: error: " in proc.stderr and "already holds an earlier run's checkpoints/step_3, best/: pass " \
-        "--resume to continue that run, or choose another --output_dir" in proc.stderr
-    assert files(out) == before
 
 
 def test_every_layout_reads_the_same_state(zero2_saved, plain_saved):
