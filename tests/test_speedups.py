@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers.activations import NewGELUActivation
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.t5.modeling_t5 import T5LayerNorm
 
 from mindmirror.model import load_model, load_tokenizer
-from mindmirror.speedups import Dropout, RMSNorm, keep_mask, token_cross_entropy
+from mindmirror.speedups import ATTENTION, Dropout, RMSNorm, attention, keep_mask, token_cross_entropy
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
@@ -82,7 +83,7 @@ def test_rms_norm_is_t5s_norm():
     assert torch.equal(fused(x.detach()), stock(x.detach()))
 
 
-def test_the_model_gets_every_stand_in_and_keeps_its_outputs():
+def test_the_model_gets_every_stand_in_and_keeps_its_outputs(tmp_path):
     tok = load_tokenizer("", "t5-v1_1-small", True)
     torch.manual_seed(3)
     stock = load_model("tiny", tok, True, speedups=False).eval()
@@ -91,7 +92,42 @@ def test_the_model_gets_every_stand_in_and_keeps_its_outputs():
     kinds = {type(m) for m in fast.modules()}
     assert RMSNorm in kinds and T5LayerNorm not in kinds and NewGELUActivation not in kinds
     assert all(type(m) is not torch.nn.Dropout for m in fast.modules())
+    assert fast.config._attn_implementation == ATTENTION and stock.config._attn_implementation == "sdpa"
+    fast.save_pretrained(tmp_path)  # an export names no attention of mindmirror's: it loads where none is registered
+    assert ATTENTION not in (tmp_path / "config.json").read_text()
     ids = torch.randint(3, 100, (3, 9))
     a = stock(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
     b = fast(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+class _Attention(torch.nn.Module):
+    is_causal = False
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_is_the_math_kernels_with_the_dropout_of_keep_mask(causal):
+    """In training on CPU: softmax(scores + position bias where the mask allows) dropped by keep_mask's mask,
+    times the values, with the gradients of that formula; in evaluation: transformers' sdpa itself, to the bit."""
+    torch.manual_seed(4)
+    q, k, v = (torch.randn(3, 2, 5, 8, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 2, 5, 5, requires_grad=True)
+    mask = None if causal else torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]).bool()[:, None, None]
+    module = _Attention().train()
+    module.is_causal = causal
+    torch.manual_seed(5)
+    out, _ = attention(module, q, k, v, mask, dropout=0.4, scaling=1.0, position_bias=bias)
+    out.square().sum().backward()
+    ours = [out.detach(), q.grad, bias.grad]
+    torch.manual_seed(5)
+    keep = keep_mask(torch.Size([3, 2, 5, 5]), 0.4)  # the draw attention made
+    allowed = torch.ones(5, 5).tril().bool() if causal else mask
+    q.grad = bias.grad = None
+    scores = (q @ k.transpose(2, 3) + torch.where(allowed, bias, torch.finfo(torch.float32).min)).softmax(-1)
+    ref = (scores * keep / 0.6 @ v).transpose(1, 2)
+    ref.square().sum().backward()
+    for a, b in zip(ours, [ref.detach(), q.grad, bias.grad], strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    module.eval()  # no dropout: sdpa_attention_forward, the same call
+    assert torch.equal(attention(module, q, k, v, mask, dropout=0.0, scaling=1.0, position_bias=bias)[0],
+                       sdpa_attention_forward(module, q, k, v, mask, dropout=0.0, scaling=1.0, position_bias=bias)[0])
