@@ -253,6 +253,12 @@ def marked(mark: str) -> tuple[str, ...]:
 class TrainConfig(LoggingConfig, EvaluationConfig, CheckpointConfig, OptimConfig, ModelConfig, DataConfig):
     """A run's flags, flat (``cfg.lr``), made of the six groups of :data:`GROUPS` (``group(cfg, OptimConfig)``)."""
 
+    @property
+    def seed(self) -> int:
+        """The run's random seed: the original flag ``--run``, read under the name of what it is (beside
+        :class:`mindmirror.core.build.Run`, the run itself)."""
+        return self.run
+
     # -----------------------------------------------------------------------------------------
     def validate(self) -> TrainConfig:
         """Fill derived values and reject bad ones with a message that says what to do."""

@@ -103,7 +103,7 @@ def setup(cfg: TrainConfig) -> Run:
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     requested = asdict(cfg)
-    set_seed(cfg.run)
+    set_seed(cfg.seed)
     world = accelerator.num_processes
 
     # ---- data, then the batch fitted to it: every later part is built from the fitted flags ----

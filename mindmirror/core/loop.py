@@ -177,7 +177,7 @@ class Trainer:
         """The row indices of each optimizer step left of this epoch's plan, from where the state stands, up to
         the run's last step."""
         state, run = self.state, self.run
-        plan = step_batches(run.lengths, run.global_batch, self.cfg.run, state.epoch, self.cfg.group_by_length)
+        plan = step_batches(run.lengths, run.global_batch, self.cfg.seed, state.epoch, self.cfg.group_by_length)
         return plan[state.step_in_epoch:][:run.total_steps - state.step]
 
     def next_epoch(self) -> None:

@@ -59,7 +59,7 @@ def row_args(cfg) -> dict:
     data = group(cfg, DataConfig)
     args = {name: getattr(data, name) for name in ROW_FLAGS}
     args["data_dir"] = str(Path(data.data_dir) if data.data_dir else BUNDLED_DATA_DIR)
-    return args | {"seed": cfg.run}
+    return args | {"seed": cfg.seed}
 
 
 def token_args(cfg) -> dict:
