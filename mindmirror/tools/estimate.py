@@ -151,8 +151,9 @@ def activation_bytes(config, micro_batch: int, enc_len: int, dec_len: int, preci
     docstring); per layer: norm inputs/outputs (plus an fp32 copy under bf16) and rsqrt, contiguous q/k/v copies
     and o's input, softmax output ``b*h*Lq*Lk``, the FFN's GELU intermediates, dropout masks when ``dropout_rate > 0``
     (1 byte per element for the dropout modules, :class:`mindmirror.speedups.Dropout` on CPU and ``F.dropout``
-    on CUDA; ``dropout_mask_bytes`` for the attention-probability dropout, which calls ``F.dropout``: 1 on
-    CUDA, the compute dtype's size on CPU, where it saves a float mask), plus the lm_head input and fp32
+    on CUDA; ``dropout_mask_bytes`` for the attention-probability dropout, which in eager T5 calls ``F.dropout``: 1
+    on CUDA, the compute dtype's size on CPU, where it saves a float mask; the trainer's CPU attention,
+    :func:`mindmirror.speedups.attention`, keeps 1 byte), plus the lm_head input and fp32
     log-softmax of the targets only.
 
     ``precision``: "fp32" (4-byte tensors) or "bf16", meaning a bf16 model as DeepSpeed runs it (2-byte
