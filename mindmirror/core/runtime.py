@@ -8,6 +8,7 @@ import contextlib
 import os
 import resource
 import signal
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -241,6 +242,9 @@ class StopVote:
             self.pending = None
 
 
+EXIT_GRACE_S = 0.5  # seconds each rank hands gloo's workers before its process group goes (shut_down)
+
+
 def shut_down(accelerator) -> None:
     """End the trackers and take the process group down while every rank is still here: left to the
     interpreter's exit, the communication threads of gloo and DeepSpeed's CPU ops can abort a finished run
@@ -251,3 +255,10 @@ def shut_down(accelerator) -> None:
     if dist.is_available() and dist.is_initialized():
         accelerator.wait_for_everyone()
         dist.destroy_process_group()
+        # destroy_process_group leaves gloo's worker threads running: they are joined when the last reference to
+        # their group goes (DDP's reducer, the stop vote), in a destructor that holds the GIL. A worker still
+        # releasing a finished collective's tensors needs the GIL for that, so a worker the OS had not run since the
+        # last collective (2 cores, several ranks) and that asks for it then deadlocks the exit (seen in
+        # ProcessGroupGloo::~ProcessGroupGloo against AsyncAllgatherWork::~AsyncAllgatherWork). Sleeping here hands
+        # the GIL and the cores to those workers first.
+        time.sleep(EXIT_GRACE_S)
