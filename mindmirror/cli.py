@@ -49,7 +49,9 @@ def train_main(argv: list[str] | None = None) -> int:
         _error_line(e)
         code = 1
     _report_exit(code)
-    if os.environ.get("LOCAL_RANK") is not None:  # a launched process: every output is written and closed
+    from mindmirror.core.runtime import launched
+
+    if launched():  # every output is written and closed; the process groups are left standing (runtime.shut_down)
         _leave(code)
     return code
 

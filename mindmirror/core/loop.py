@@ -339,7 +339,7 @@ class Trainer:
                     f"{self.run.out / runfiles.CHECKPOINTS} in {time.time() - t_save:.0f} s; exiting with code "
                     f"{EXIT_PREEMPTED} (rerun with --resume to continue){'; it came ' + where if where else ''}")
         self.vote.close()
-        shut_down(self.accelerator)
+        shut_down(self.accelerator, self.vote)
         raise Preempted(f"preempted at step {self.state.step}")
 
     # ---- end ----
@@ -389,7 +389,7 @@ class Trainer:
             logs.print_examples(examples)
             runfiles.print_table(logs.result_rows(summary, run.out))
         self.vote.close()
-        shut_down(accelerator)
+        shut_down(accelerator, self.vote)
         return summary
 
     def gather(self, values: list[float]) -> list[list[float]]:

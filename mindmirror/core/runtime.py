@@ -8,7 +8,6 @@ import contextlib
 import os
 import resource
 import signal
-import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -242,23 +241,31 @@ class StopVote:
             self.pending = None
 
 
-EXIT_GRACE_S = 0.5  # seconds each rank hands gloo's workers before its process group goes (shut_down)
+# What holds a process group after shut_down in a launched process, kept until it leaves (cli._leave: os._exit).
+_HELD: list = []
 
 
-def shut_down(accelerator) -> None:
+def launched() -> bool:
+    """Whether this process was started by a launcher (torchrun, accelerate launch), one rank of a job."""
+    return os.environ.get("LOCAL_RANK") is not None
+
+
+def shut_down(accelerator, *holders) -> None:
     """End the trackers and take the process group down while every rank is still here: left to the
     interpreter's exit, the communication threads of gloo and DeepSpeed's CPU ops can abort a finished run
-    ("terminate called without an active exception")."""
+    ("terminate called without an active exception").
+
+    In a launched process the groups' objects then outlive the run: ``destroy_process_group`` leaves gloo's worker
+    threads running, and they are joined when the last reference to their group goes (DDP's reducer, the stop
+    vote), in a destructor that holds the GIL. A worker that is still finishing a collective then needs the GIL to
+    free its tensors and waits for it forever (a deadlock at the exit of finished runs on 2 loaded cores:
+    ``ProcessGroupGloo::~ProcessGroupGloo`` against ``AsyncAllgatherWork::~AsyncAllgatherWork``). So the
+    accelerator (its prepared models) and ``holders`` are kept, and the process leaves without destroying them."""
     import torch.distributed as dist
 
     accelerator.end_training()
     if dist.is_available() and dist.is_initialized():
         accelerator.wait_for_everyone()
         dist.destroy_process_group()
-        # destroy_process_group leaves gloo's worker threads running: they are joined when the last reference to
-        # their group goes (DDP's reducer, the stop vote), in a destructor that holds the GIL. A worker still
-        # releasing a finished collective's tensors needs the GIL for that, so a worker the OS had not run since the
-        # last collective (2 cores, several ranks) and that asks for it then deadlocks the exit (seen in
-        # ProcessGroupGloo::~ProcessGroupGloo against AsyncAllgatherWork::~AsyncAllgatherWork). Sleeping here hands
-        # the GIL and the cores to those workers first.
-        time.sleep(EXIT_GRACE_S)
+        if launched():
+            _HELD.extend([accelerator, *holders])
