@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import traceback
 from pathlib import Path
 
 
@@ -40,6 +41,7 @@ def train_main(argv: list[str] | None = None) -> int:
         train(cfg)
 
     from mindmirror.core.loop import NonFiniteLossError, Preempted
+    from mindmirror.core.runtime import launched
 
     try:
         code = _run(parse_and_train, argv)
@@ -48,10 +50,13 @@ def train_main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         _error_line(e)
         code = 1
+    except Exception:
+        if not launched():
+            raise
+        traceback.print_exc()  # then leave as below: the interpreter's exit would free the process groups
+        code = 1
     _report_exit(code)
-    from mindmirror.core.runtime import launched
-
-    if launched():  # every output is written and closed; the process groups are left standing (runtime.shut_down)
+    if launched():  # every output is written and closed; the process groups are left standing (runtime.keep_until_exit)
         _leave(code)
     return code
 

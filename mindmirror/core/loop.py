@@ -144,6 +144,7 @@ class Trainer:
         self.fault_steps = {int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s.strip()}
         self.kill_at = int(os.environ.get(FAULT_KILL_AT_STEP, "0"))
         self.slow_eval_s = float(os.environ.get(FAULT_SLOW_EVAL_S, "0"))
+        runtime.keep_until_exit(self)  # its groups outlive the run, however it ends (a launched rank)
 
     def __enter__(self):
         return self
@@ -339,7 +340,7 @@ class Trainer:
                     f"{self.run.out / runfiles.CHECKPOINTS} in {time.time() - t_save:.0f} s; exiting with code "
                     f"{EXIT_PREEMPTED} (rerun with --resume to continue){'; it came ' + where if where else ''}")
         self.vote.close()
-        shut_down(self.accelerator, self.vote)
+        shut_down(self.accelerator)
         raise Preempted(f"preempted at step {self.state.step}")
 
     # ---- end ----
@@ -389,7 +390,7 @@ class Trainer:
             logs.print_examples(examples)
             runfiles.print_table(logs.result_rows(summary, run.out))
         self.vote.close()
-        shut_down(accelerator, self.vote)
+        shut_down(accelerator)
         return summary
 
     def gather(self, values: list[float]) -> list[list[float]]:

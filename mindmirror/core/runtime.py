@@ -241,7 +241,7 @@ class StopVote:
             self.pending = None
 
 
-# What holds a process group after shut_down in a launched process, kept until it leaves (cli._leave: os._exit).
+# What holds a launched process's process groups, kept until it leaves (cli._leave: os._exit).
 _HELD: list = []
 
 
@@ -250,22 +250,29 @@ def launched() -> bool:
     return os.environ.get("LOCAL_RANK") is not None
 
 
-def shut_down(accelerator, *holders) -> None:
-    """End the trackers and take the process group down while every rank is still here: left to the
-    interpreter's exit, the communication threads of gloo and DeepSpeed's CPU ops can abort a finished run
-    ("terminate called without an active exception").
+def keep_until_exit(*holders) -> None:
+    """In a launched process, keep ``holders`` (objects that hold process groups: the trainer with its prepared
+    models and stop vote) alive until the process leaves with ``os._exit``, whatever way the run ends.
 
-    In a launched process the groups' objects then outlive the run: ``destroy_process_group`` leaves gloo's worker
-    threads running, and they are joined when the last reference to their group goes (DDP's reducer, the stop
-    vote), in a destructor that holds the GIL. A worker that is still finishing a collective then needs the GIL to
-    free its tensors and waits for it forever (a deadlock at the exit of finished runs on 2 loaded cores:
-    ``ProcessGroupGloo::~ProcessGroupGloo`` against ``AsyncAllgatherWork::~AsyncAllgatherWork``). So the
-    accelerator (its prepared models) and ``holders`` are kept, and the process leaves without destroying them."""
+    gloo joins its worker threads when the last reference to a group goes, in a destructor that holds the GIL;
+    a worker still finishing a collective needs the GIL to free its tensors and waits for it forever (a deadlock
+    at the exit of finished runs on 2 loaded cores: ``ProcessGroupGloo::~ProcessGroupGloo`` from DDP's reducer
+    against ``AsyncAllgatherWork::~AsyncAllgatherWork``). ``destroy_process_group`` does not join them either:
+    only the last reference does, so it must never go."""
+    if launched():
+        _HELD.extend(holders)
+
+
+def shut_down(accelerator) -> None:
+    """End the trackers, then wait for every rank. Outside a launcher the process group goes down here, while
+    every rank is still here: left to the interpreter's exit, the communication threads of gloo and DeepSpeed's
+    CPU ops can abort a finished run ("terminate called without an active exception"). A launched process
+    leaves its groups standing (:func:`keep_until_exit`): it exits without the interpreter's teardown."""
     import torch.distributed as dist
 
-    accelerator.end_training()
+    for tracker in accelerator.trackers:
+        tracker.finish()
     if dist.is_available() and dist.is_initialized():
         accelerator.wait_for_everyone()
-        dist.destroy_process_group()
-        if launched():
-            _HELD.extend([accelerator, *holders])
+        if not launched():
+            dist.destroy_process_group()
