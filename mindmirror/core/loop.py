@@ -144,7 +144,6 @@ class Trainer:
         self.fault_steps = {int(s) for s in os.environ.get(FAULT_NAN_STEPS, "").split(",") if s.strip()}
         self.kill_at = int(os.environ.get(FAULT_KILL_AT_STEP, "0"))
         self.slow_eval_s = float(os.environ.get(FAULT_SLOW_EVAL_S, "0"))
-        runtime.keep_until_exit(self)  # its groups outlive the run, however it ends (a launched rank)
 
     def __enter__(self):
         return self

@@ -52,10 +52,12 @@ def build_accelerator(cfg: TrainConfig) -> Accelerator:
     if cfg.bf16 and os.environ.get("ACCELERATE_MIXED_PRECISION", "no") == "no" \
             and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false") != "true":
         mixed = "bf16"
-    return Accelerator(gradient_accumulation_steps=cfg.grad_accum_steps, log_with=trackers, mixed_precision=mixed,
-                       project_config=ProjectConfiguration(project_dir=cfg.output_dir,
-                                                           logging_dir=str(Path(cfg.output_dir) / "tb")),
-                       kwargs_handlers=kwargs)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum_steps, log_with=trackers,
+                              mixed_precision=mixed, kwargs_handlers=kwargs,
+                              project_config=ProjectConfiguration(project_dir=cfg.output_dir,
+                                                                  logging_dir=str(Path(cfg.output_dir) / "tb")))
+    keep_until_exit(accelerator)  # the models it prepares hold the process group (DDP's reducer, DeepSpeed)
+    return accelerator
 
 
 def set_cpu_threads() -> None:
@@ -210,6 +212,8 @@ class StopVote:
         import torch.distributed as dist
 
         self.group = dist.new_group(backend="gloo", timeout=timeout) if world > 1 else None
+        if self.group is not None:
+            keep_until_exit(self.group)
         self.flag = False  # one process
         self.pending = None  # (work, tensor, its numpy buffer) of the vote started last
 
@@ -251,8 +255,9 @@ def launched() -> bool:
 
 
 def keep_until_exit(*holders) -> None:
-    """In a launched process, keep ``holders`` (objects that hold process groups: the trainer with its prepared
-    models and stop vote) alive until the process leaves with ``os._exit``, whatever way the run ends.
+    """In a launched process, keep ``holders`` (process groups, or objects that hold them: the accelerator with
+    the models it prepares) alive from their creation until the process leaves with ``os._exit``, whatever way
+    the run ends.
 
     gloo joins its worker threads when the last reference to a group goes, in a destructor that holds the GIL;
     a worker still finishing a collective needs the GIL to free its tensors and waits for it forever (a deadlock
@@ -267,7 +272,8 @@ def shut_down(accelerator) -> None:
     """End the trackers, then wait for every rank. Outside a launcher the process group goes down here, while
     every rank is still here: left to the interpreter's exit, the communication threads of gloo and DeepSpeed's
     CPU ops can abort a finished run ("terminate called without an active exception"). A launched process
-    leaves its groups standing (:func:`keep_until_exit`): it exits without the interpreter's teardown."""
+    leaves its groups standing (:func:`keep_until_exit`): it exits without the interpreter's teardown. (Not
+    ``accelerator.end_training()``: it destroys the default group itself.)"""
     import torch.distributed as dist
 
     for tracker in accelerator.trackers:
